@@ -1,0 +1,22 @@
+"""Shared pieces of the benchmarks: the EXP-006 geometry and timing stats."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+# EXP-006: Gemma-3-12B-like KV geometry, float16, 256-token blocks.
+HEADS, BLOCK_TOKENS, HEAD_DIM, DTYPE = 8, 256, 128, mx.float16
+ITEMSIZE = 2
+
+
+def record(benchmark, nbytes: int) -> None:
+    """Add bytes moved, throughput and tail percentiles to the saved JSON."""
+    data = np.array(benchmark.stats.stats.data)
+    benchmark.extra_info.update(
+        bytes=nbytes,
+        p50_ms=float(np.percentile(data, 50) * 1e3),
+        p95_ms=float(np.percentile(data, 95) * 1e3),
+        p99_ms=float(np.percentile(data, 99) * 1e3),
+        gb_per_s=float(nbytes / np.median(data) / 1e9),
+    )

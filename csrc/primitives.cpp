@@ -1,0 +1,35 @@
+// The backend-independent parts of the primitives: identity and shapes.
+// eval_cpu lives in cpu/, eval_gpu in metal/.
+#include "block_ops.h"
+
+namespace blockpool {
+
+bool GatherBlocks::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const GatherBlocks&>(other);
+  return entries_ == o.entries_;
+}
+
+std::vector<mx::Shape> GatherBlocks::output_shapes(
+    const std::vector<mx::array>& inputs) {
+  std::vector<mx::Shape> shapes;
+  shapes.reserve(entries_.size());
+  for (const auto& e : entries_) {
+    const auto& pool = inputs[e.pool];
+    shapes.push_back({1, pool.shape(1),
+                      static_cast<int>(e.num_ids * pool.shape(2)),
+                      pool.shape(3)});
+  }
+  return shapes;
+}
+
+bool ScatterBlocks::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const ScatterBlocks&>(other);
+  return entries_ == o.entries_;
+}
+
+std::vector<mx::Shape> ScatterBlocks::output_shapes(
+    const std::vector<mx::array>& inputs) {
+  return {inputs[0].shape()};
+}
+
+}  // namespace blockpool

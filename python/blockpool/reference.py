@@ -1,0 +1,59 @@
+"""Pure-MLX versions of the native block ops.
+
+They define what the native ops must compute and serve as the test oracle.
+They are also the fallback on a GPU backend with no native kernel (CUDA
+builds of mlx). They are written for clarity, not speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import mlx.core as mx
+
+BlockIdList = Sequence[int] | mx.array
+
+
+def _ids(block_ids: BlockIdList) -> mx.array:
+    return mx.array(block_ids, dtype=mx.int32) if not isinstance(block_ids, mx.array) else block_ids.astype(mx.int32)
+
+
+def gather_blocks(pools: Sequence[mx.array], block_ids: Sequence[BlockIdList]) -> list[mx.array]:
+    """Reference gather: ``out[i] = concat(pools[i][ids])`` on the token axis."""
+    outputs = []
+    for pool, ids in zip(pools, block_ids, strict=True):
+        _, heads, block, dim = pool.shape
+        blocks = mx.take(pool, _ids(ids), axis=0)  # [n, H, B, D]
+        n = blocks.shape[0]
+        outputs.append(blocks.transpose(1, 0, 2, 3).reshape(1, heads, n * block, dim))
+    return outputs
+
+
+def scatter_blocks(
+    pools: Sequence[mx.array],
+    block_ids: Sequence[BlockIdList],
+    sources: Sequence[mx.array],
+    offsets: Sequence[int] | None = None,
+) -> list[mx.array]:
+    """Reference scatter: token ``t`` of ``sources[i]`` goes to position
+    ``offsets[i] + t`` of the blocks ``block_ids[i]``; entries that pass the
+    same pool array update one shared result."""
+    offsets = [0] * len(pools) if offsets is None else list(offsets)
+    updated: dict[int, mx.array] = {}
+    first_seen: dict[int, int] = {}
+    for i, (pool, ids, src, first) in enumerate(zip(pools, block_ids, sources, offsets, strict=True)):
+        key = first_seen.setdefault(id(pool), i)
+        current = updated.get(key, pool)
+        _, heads, block, dim = pool.shape
+        tokens = src.shape[2]
+        if tokens == 0:
+            updated[key] = current
+            continue
+        positions = mx.arange(first, first + tokens)
+        ids_arr = _ids(ids)
+        rows = ids_arr[positions // block] * block + positions % block  # flat token row
+        flat = current.transpose(0, 2, 1, 3).reshape(-1, heads, dim)  # [NB*B, H, D]
+        flat[rows] = src[0].transpose(1, 0, 2)
+        num_blocks = pool.shape[0]
+        updated[key] = flat.reshape(num_blocks, block, heads, dim).transpose(0, 2, 1, 3)
+    return [updated[first_seen[id(pool)]] for pool in pools]
