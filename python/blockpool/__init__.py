@@ -1,8 +1,48 @@
 """mlx-blockpool: a persistent, block-pooled KV cache for multi-agent MLX inference."""
 
 from blockpool import ops, reference
+from blockpool.block import AgentBlocks, KVBlock
+from blockpool.cache_conversion import blocks_to_reserve, from_mlx_caches, to_mlx_caches
+from blockpool.errors import (
+    BlockOperationError,
+    BlockPoolError,
+    CacheCorruptionError,
+    GenerationError,
+    IncompatibleCacheError,
+    InvalidRequestError,
+    PoolExhaustedError,
+    UnsupportedModelError,
+)
 from blockpool.ops import gather_blocks, scatter_blocks
+from blockpool.pool import AgentUsage, BlockPool, BlockWrite, PoolStats
+from blockpool.spec import BLOCK_TOKENS, Geometry, LayerSpec, ModelCacheSpec
 
 __version__ = "0.1.0"
 
-__all__ = ["gather_blocks", "ops", "reference", "scatter_blocks"]
+__all__ = [
+    "BLOCK_TOKENS",
+    "AgentBlocks",
+    "AgentUsage",
+    "BlockOperationError",
+    "BlockPool",
+    "BlockPoolError",
+    "BlockWrite",
+    "CacheCorruptionError",
+    "GenerationError",
+    "Geometry",
+    "IncompatibleCacheError",
+    "InvalidRequestError",
+    "KVBlock",
+    "LayerSpec",
+    "ModelCacheSpec",
+    "PoolExhaustedError",
+    "PoolStats",
+    "UnsupportedModelError",
+    "blocks_to_reserve",
+    "from_mlx_caches",
+    "gather_blocks",
+    "ops",
+    "reference",
+    "scatter_blocks",
+    "to_mlx_caches",
+]

@@ -1,0 +1,85 @@
+"""Block handles: one block (:class:`KVBlock`) and one agent's cache (:class:`AgentBlocks`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from blockpool.spec import ModelCacheSpec
+
+
+@dataclass(frozen=True)
+class KVBlock:
+    """A handle to one block: one layer's K and V for ``block_tokens`` tokens.
+
+    ``block_id`` indexes the pool arrays of the layer's geometry. Handles are
+    plain values; the pool owns the memory and the ownership records.
+    """
+
+    layer_id: int
+    block_id: int
+
+
+@dataclass
+class AgentBlocks:
+    """One agent's cache in the pool: its blocks per layer and the tokens they hold.
+
+    Attributes:
+        agent_id: The agent the blocks belong to.
+        spec: The model cache layout the blocks were made for.
+        blocks: For each layer, its blocks in token order. A full-attention
+            layer covers tokens ``[0, total_tokens)``; a sliding-window layer
+            only the blocks covering its last ``window`` tokens.
+        total_tokens: Tokens in the agent's history.
+        token_ids: The history's token ids, ``len == total_tokens``.
+        ring_index: For sliding layers whose mlx-lm cache was a full ring,
+            the ring's write index, so the cache is rebuilt in the same
+            physical order and decoding continues bit for bit.
+    """
+
+    agent_id: str
+    spec: ModelCacheSpec
+    blocks: dict[int, list[KVBlock]]
+    total_tokens: int
+    token_ids: list[int]
+    ring_index: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ``ValueError`` unless the handle is self-consistent."""
+        spec = self.spec
+        if len(self.token_ids) != self.total_tokens:
+            raise ValueError(f"{len(self.token_ids)} token ids for {self.total_tokens} tokens")
+        if sorted(self.blocks) != list(range(spec.num_layers)):
+            raise ValueError(f"blocks must cover layers 0..{spec.num_layers - 1}")
+        for layer_id, blocks in self.blocks.items():
+            lo, hi = spec.block_range(layer_id, self.total_tokens)
+            if any(b.layer_id != layer_id for b in blocks):
+                raise ValueError(f"layer {layer_id} holds a block of another layer")
+            # A sliding layer may keep older blocks than it needs, never fewer.
+            if len(blocks) < hi - lo or len(blocks) > hi:
+                raise ValueError(
+                    f"layer {layer_id} ({spec.layers[layer_id].attention}) holds {len(blocks)} blocks; "
+                    f"{self.total_tokens} tokens need {hi - lo}"
+                )
+
+    def first_block(self, layer_id: int) -> int:
+        """Logical index (token position // block_tokens) of a layer's first block."""
+        hi = -(-self.total_tokens // self.spec.block_tokens)
+        return hi - len(self.blocks[layer_id])
+
+    def all_blocks(self) -> Iterator[KVBlock]:
+        """Every block of every layer."""
+        for blocks in self.blocks.values():
+            yield from blocks
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(len(b) for b in self.blocks.values())
+
+    @classmethod
+    def empty(cls, agent_id: str, spec: ModelCacheSpec) -> AgentBlocks:
+        """An agent with no history."""
+        return cls(agent_id, spec, {i: [] for i in range(spec.num_layers)}, 0, [])

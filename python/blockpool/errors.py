@@ -1,0 +1,41 @@
+"""The errors blockpool raises. Each says what was wrong; none leaves state half-changed."""
+
+from __future__ import annotations
+
+
+class BlockPoolError(Exception):
+    """Base class of every blockpool error."""
+
+
+class PoolExhaustedError(BlockPoolError):
+    """The pool has fewer free blocks than a request needs. Nothing was allocated."""
+
+    def __init__(self, requested: int, available: int, detail: str = ""):
+        self.requested = requested
+        self.available = available
+        where = f" {detail}" if detail else ""
+        super().__init__(f"pool exhausted: asked for {requested} blocks{where} but only {available} are free")
+
+
+class BlockOperationError(BlockPoolError):
+    """A block operation broke ownership rules: a block the agent does not hold, a double free."""
+
+
+class UnsupportedModelError(BlockPoolError):
+    """The model's cache is not plain attention KV (e.g. SSM state, chunked or nested caches)."""
+
+
+class InvalidRequestError(BlockPoolError, ValueError):
+    """A request to the engine or the store is malformed. Nothing was changed."""
+
+
+class IncompatibleCacheError(BlockPoolError):
+    """A cache was made for another model: its geometry or fingerprint does not match."""
+
+
+class GenerationError(BlockPoolError):
+    """The model failed while a request was generating. Its blocks were returned to the pool."""
+
+
+class CacheCorruptionError(BlockPoolError):
+    """A persisted cache failed verification: truncated, bit-flipped, or not a cache file."""

@@ -1,0 +1,188 @@
+"""What a model's KV cache looks like, read off the model itself."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+
+from blockpool.errors import UnsupportedModelError
+
+#: Tokens per block; matches mlx-lm's ``KVCache.step``.
+BLOCK_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The shape of one layer's K and V: layers with equal geometry share a pool."""
+
+    kv_heads: int
+    k_head_dim: int
+    v_head_dim: int
+    dtype: str  # an mlx dtype name, e.g. "bfloat16"
+
+    @property
+    def mx_dtype(self) -> mx.Dtype:
+        return getattr(mx, self.dtype)
+
+    def bytes_per_block(self, block_tokens: int = BLOCK_TOKENS) -> int:
+        """Bytes of one block: K and V of one layer for ``block_tokens`` tokens."""
+        item = self.mx_dtype.size
+        return self.kv_heads * block_tokens * (self.k_head_dim + self.v_head_dim) * item
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer's cache: its geometry, and its window if it is a sliding-window layer."""
+
+    geometry: Geometry
+    window: int | None = None
+
+    @property
+    def attention(self) -> str:
+        """``"full"`` or ``"sliding"``."""
+        return "full" if self.window is None else "sliding"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.geometry.kv_heads
+
+    @property
+    def k_head_dim(self) -> int:
+        return self.geometry.k_head_dim
+
+    @property
+    def v_head_dim(self) -> int:
+        return self.geometry.v_head_dim
+
+    @property
+    def dtype(self) -> str:
+        return self.geometry.dtype
+
+
+@dataclass(frozen=True)
+class ModelCacheSpec:
+    """The KV cache layout of a model: one :class:`LayerSpec` per layer."""
+
+    layers: tuple[LayerSpec, ...]
+    block_tokens: int = BLOCK_TOKENS
+    geometries: tuple[Geometry, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        distinct: list[Geometry] = []
+        for layer in self.layers:
+            if layer.geometry not in distinct:
+                distinct.append(layer.geometry)
+        object.__setattr__(self, "geometries", tuple(distinct))
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> ModelCacheSpec:
+        """Read the spec off an mlx-lm model.
+
+        The layer kinds come from the model's own ``make_cache()`` (or mlx-lm's
+        default), and the head counts, head dims and dtype from the cache
+        shapes after a one-token probe forward pass, so no per-architecture
+        table is needed.
+
+        Raises:
+            UnsupportedModelError: A layer's cache is not a ``KVCache`` or a
+                ``RotatingKVCache`` without kept tokens.
+        """
+        caches = make_prompt_cache(model)
+        windows = [_window_of(i, c) for i, c in enumerate(caches)]
+        model(mx.array([[0]]), cache=caches)
+        layers = []
+        for cache, window in zip(caches, windows):
+            keys, values = cache.keys, cache.values
+            geometry = Geometry(
+                kv_heads=keys.shape[1],
+                k_head_dim=keys.shape[3],
+                v_head_dim=values.shape[3],
+                dtype=str(keys.dtype).removeprefix("mlx.core."),
+            )
+            layers.append(LayerSpec(geometry, window))
+        return cls(tuple(layers))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def geometry_index(self, layer_id: int) -> int:
+        """Which geometry (and so which pool id space) a layer uses."""
+        return self.geometries.index(self.layers[layer_id].geometry)
+
+    def layers_of(self, geometry: int) -> list[int]:
+        """The layers that use a geometry."""
+        g = self.geometries[geometry]
+        return [i for i, layer in enumerate(self.layers) if layer.geometry == g]
+
+    def bytes_per_block(self, layer_id: int) -> int:
+        """Bytes of one block of a layer (K and V for ``block_tokens`` tokens)."""
+        return self.layers[layer_id].geometry.bytes_per_block(self.block_tokens)
+
+    def max_blocks(self, layer_id: int) -> int | None:
+        """Most blocks a layer ever holds: ``ceil(window / B) + 1`` if sliding, else None."""
+        window = self.layers[layer_id].window
+        return None if window is None else math.ceil(window / self.block_tokens) + 1
+
+    def blocks_held(self, layer_id: int, tokens: int) -> int:
+        """Blocks a layer holds for an agent of ``tokens`` tokens."""
+        lo, hi = self.block_range(layer_id, tokens)
+        return hi - lo
+
+    def block_range(self, layer_id: int, tokens: int) -> tuple[int, int]:
+        """Logical block indices ``[lo, hi)`` a layer keeps for ``tokens`` tokens.
+
+        A full layer keeps every block; a sliding layer only those covering
+        its last ``window`` tokens.
+        """
+        b = self.block_tokens
+        hi = -(-tokens // b)
+        window = self.layers[layer_id].window
+        lo = 0 if window is None else max(0, tokens - window) // b
+        return lo, hi
+
+    def bytes_for_tokens(self, tokens: int) -> int:
+        """Pool bytes one agent of ``tokens`` tokens holds."""
+        return sum(self.blocks_held(i, tokens) * self.bytes_per_block(i) for i in range(self.num_layers))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description, for persistence and compatibility checks."""
+        return {
+            "block_tokens": self.block_tokens,
+            "layers": [
+                {
+                    "kv_heads": l.kv_heads,
+                    "k_head_dim": l.k_head_dim,
+                    "v_head_dim": l.v_head_dim,
+                    "dtype": l.dtype,
+                    "window": l.window,
+                }
+                for l in self.layers
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelCacheSpec:
+        layers = tuple(
+            LayerSpec(Geometry(l["kv_heads"], l["k_head_dim"], l["v_head_dim"], l["dtype"]), l["window"])
+            for l in data["layers"]
+        )
+        return cls(layers, block_tokens=data["block_tokens"])
+
+
+def _window_of(layer_id: int, cache: Any) -> int | None:
+    # Exact type checks: subclasses (e.g. ChunkedKVCache) change the semantics.
+    if type(cache) is KVCache:
+        return None
+    if type(cache) is RotatingKVCache and cache.keep == 0:
+        return cache.max_size
+    detail = f" with keep={cache.keep}" if type(cache) is RotatingKVCache else ""
+    raise UnsupportedModelError(
+        f"layer {layer_id} uses {type(cache).__name__}{detail}; blockpool stores only plain "
+        "attention KV caches (KVCache, or RotatingKVCache without kept tokens)"
+    )
