@@ -20,3 +20,15 @@ def record(benchmark, nbytes: int) -> None:
         p99_ms=float(np.percentile(data, 99) * 1e3),
         gb_per_s=float(nbytes / np.median(data) / 1e9),
     )
+
+
+def record_seconds(benchmark, tokens: int | None = None) -> None:
+    """Tail percentiles (and tokens/s when ``tokens`` is given) for timings that are not copies."""
+    data = np.array(benchmark.stats.stats.data)
+    benchmark.extra_info.update(
+        p50_ms=float(np.percentile(data, 50) * 1e3),
+        p95_ms=float(np.percentile(data, 95) * 1e3),
+        p99_ms=float(np.percentile(data, 99) * 1e3),
+    )
+    if tokens is not None:
+        benchmark.extra_info.update(tokens=tokens, tokens_per_s=float(tokens / np.median(data)))

@@ -14,15 +14,17 @@ APPLE_BANDWIDTH_GBPS = {"M4 (120 GB/s)": 120, "M4 Pro (273 GB/s)": 273, "M4 Max 
 
 def table(results: dict) -> str:
     rows = [
-        "| case | method | median ms | p95 ms | p99 ms | GB/s | rounds |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| case | method | median ms | p95 ms | p99 ms | GB/s | tokens/s | rounds |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for b in results["benchmarks"]:
         info, stats = b["extra_info"], b["stats"]
         method = b["name"].split("[")[0].removeprefix("test_")
+        gbps = f"{info['gb_per_s']:.2f}" if "gb_per_s" in info else "-"
+        tps = f"{info['tokens_per_s']:.0f}" if "tokens_per_s" in info else "-"
         rows.append(
             f"| {b['group']} | {method} | {stats['median'] * 1e3:.2f} | {info['p95_ms']:.2f} | "
-            f"{info['p99_ms']:.2f} | {info['gb_per_s']:.2f} | {stats['rounds']} |"
+            f"{info['p99_ms']:.2f} | {gbps} | {tps} | {stats['rounds']} |"
         )
     return "\n".join(rows)
 
@@ -34,7 +36,7 @@ def projection(results: dict) -> str:
     ]
     for b in results["benchmarks"]:
         method = b["name"].split("[")[0].removeprefix("test_")
-        if not method.endswith("native"):
+        if not method.endswith("native") or "bytes" not in b["extra_info"]:
             continue
         # A copy reads and writes each byte: bytes moved = 2 x bytes produced.
         moved = 2 * b["extra_info"]["bytes"]

@@ -3,6 +3,7 @@
 from blockpool import ops, reference
 from blockpool.block import AgentBlocks, KVBlock
 from blockpool.cache_conversion import blocks_to_reserve, from_mlx_caches, to_mlx_caches
+from blockpool.engine import BlockPoolBatchEngine, CompletedGeneration, GenerationEvent
 from blockpool.errors import (
     BlockOperationError,
     BlockPoolError,
@@ -25,10 +26,13 @@ __all__ = [
     "AgentUsage",
     "BlockOperationError",
     "BlockPool",
+    "BlockPoolBatchEngine",
     "BlockPoolError",
     "BlockWrite",
     "CacheCorruptionError",
+    "CompletedGeneration",
     "GenerationError",
+    "GenerationEvent",
     "Geometry",
     "IncompatibleCacheError",
     "InvalidRequestError",

@@ -141,6 +141,17 @@ class BlockPool:
         with self._lock:
             return self._refs[g][block.block_id]
 
+    def holds(self, agent_id: str, blocks: Iterable[KVBlock]) -> bool:
+        """Whether the agent holds every one of ``blocks``."""
+        with self._lock:
+            held = self._held.get(agent_id, set())
+            for block in blocks:
+                if not 0 <= block.layer_id < self.spec.num_layers:
+                    return False
+                if (self.spec.geometry_index(block.layer_id), block.block_id) not in held:
+                    return False
+            return True
+
     def stats(self) -> PoolStats:
         """A consistent snapshot of blocks and bytes in use, per agent and in total."""
         with self._lock:

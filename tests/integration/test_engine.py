@@ -1,0 +1,302 @@
+"""BlockPoolBatchEngine behaviour beyond equivalence: validation, stops, streaming,
+cancellation, continuous batching, failures and leaks."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import mlx.core as mx
+import pytest
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm_reference import mlx_lm_text, mlx_lm_tokens
+
+from blockpool import (
+    AgentBlocks,
+    BlockPool,
+    BlockPoolBatchEngine,
+    GenerationError,
+    IncompatibleCacheError,
+    InvalidRequestError,
+    ModelCacheSpec,
+    PoolExhaustedError,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def llama(load_tiny):
+    model, tokenizer = load_tiny("llama")
+    pool = BlockPool(ModelCacheSpec.from_model(model), num_blocks=40)
+    return model, tokenizer, pool, BlockPoolBatchEngine(model, tokenizer, pool)
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    return mx.random.randint(3, 512, (n,), key=mx.random.key(seed)).tolist()
+
+
+def finish(engine):
+    return {c.uid: c for c in engine.step()}
+
+
+# ------------------------------------------------------------------ validation
+
+
+def test_bad_requests_change_nothing(llama, load_tiny):
+    model, tokenizer, pool, engine = llama
+    engine.submit("busy", tokens(10, 1), max_tokens=4)
+    (done,) = finish(engine).values()
+    engine.submit("busy", tokens(10, 2), max_tokens=4)  # now in flight
+    start = pool.available_blocks()
+    bad = [
+        (dict(agent_id="a", prompt=""), "Prompt cannot be empty"),
+        (dict(agent_id="a", prompt=[]), "Prompt cannot be empty"),
+        (dict(agent_id="a", prompt="hi", max_tokens=0), "max_tokens"),
+        (dict(agent_id="a", prompt="hi", max_tokens=-3), "max_tokens"),
+        (dict(agent_id="a", prompt="hi", max_tokens=2.5), "max_tokens"),
+        (dict(agent_id="", prompt="hi"), "agent_id"),
+        (dict(agent_id=None, prompt="hi"), "agent_id"),
+        (dict(agent_id=7, prompt="hi"), "agent_id"),
+        (dict(agent_id="a", prompt="hi", cache=done.blocks), "belongs to agent"),
+        (dict(agent_id="busy", prompt="hi"), "already has a generation in flight"),
+        (dict(agent_id="a", prompt=[1, -2]), "token ids"),
+        (dict(agent_id="a", prompt=[1, 10**6]), "token ids"),
+        (dict(agent_id="a", prompt=3.5), "prompt must be"),
+        (dict(agent_id="a", prompt="hi", stop=[""]), "stop"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(InvalidRequestError, match=message):
+            engine.submit(**kwargs)
+        assert pool.available_blocks() == start, kwargs
+    for c in finish(engine).values():
+        pool.release(c.blocks)
+
+    pool.release(done.blocks)  # a stale handle: its blocks are gone
+    with pytest.raises(InvalidRequestError, match="no longer held"):
+        engine.submit(done.agent_id, "hi", cache=done.blocks)
+
+    gemma_model, _ = load_tiny("gemma3_text")
+    foreign = AgentBlocks.empty("a", ModelCacheSpec.from_model(gemma_model))
+    with pytest.raises(IncompatibleCacheError):
+        engine.submit("a", "hi", cache=foreign)
+    with pytest.raises(IncompatibleCacheError):
+        BlockPoolBatchEngine(gemma_model, tokenizer, pool)
+    assert pool.available_blocks() == pool.total_blocks
+
+
+def test_exhaustion_is_raised_at_submit_before_compute(llama):
+    _, _, pool, engine = llama
+    with pytest.raises(PoolExhaustedError):
+        engine.submit("big", tokens(10, 3), max_tokens=256 * 20)  # 21 blocks x 2 layers > 40
+    assert pool.available_blocks() == 40 and engine.in_flight == 0
+
+
+# ------------------------------------------------------------------ stopping
+
+
+def test_stop_string_cuts_text_and_streams_nothing_past_it(llama):
+    model, tokenizer, pool, engine = llama
+    prompt = tokenizer.encode("the agent reads a file")
+    engine.submit("a", prompt, max_tokens=40)
+    (free_run,) = finish(engine).values()
+    pool.release(free_run.blocks)
+    stop = free_run.text[12:15]
+    assert len(stop) == 3 and stop in free_run.text
+    expected = free_run.text[: free_run.text.index(stop)]
+
+    engine.submit("a", prompt, max_tokens=40, stop=[stop, "never-produced"])
+    deltas, completion = [], None
+    for event in engine.stream():
+        deltas.append(event.text)
+        completion = event.completion or completion
+    assert completion.finish_reason == "stop"
+    assert completion.text == expected == "".join(deltas)
+    assert len(completion.token_ids) < len(free_run.token_ids)
+    assert completion.blocks.total_tokens == len(prompt) + len(completion.token_ids)
+    pool.release(completion.blocks)
+    assert pool.available_blocks() == 40
+
+
+def test_eos_ends_with_stop_and_is_not_in_the_text(llama):
+    model, tokenizer, pool, engine = llama
+    eos = min(tokenizer.eos_token_ids)
+
+    def force_eos_at_4th(context, logits):
+        # context holds the prompt and the tokens generated so far
+        boost = mx.where(mx.arange(logits.shape[-1]) == eos, 1e9, 0.0)
+        return logits + boost if context.size >= prompt_len + 3 else logits
+
+    prompt = tokens(12, 4)
+    prompt_len = len(prompt)
+    engine.submit("a", prompt, max_tokens=30, logits_processors=[force_eos_at_4th])
+    (done,) = finish(engine).values()
+    assert done.finish_reason == "stop" and done.token_ids[-1] == eos and len(done.token_ids) == 4
+    assert done.text == mlx_lm_text(tokenizer, done.token_ids[:-1])
+    pool.release(done.blocks)
+
+
+def test_logits_processors_and_samplers_come_from_mlx_lm(llama):
+    model, tokenizer, pool, engine = llama
+    prompt = tokens(30, 5)
+    penalty = make_logits_processors(repetition_penalty=1.5, repetition_context_size=20)
+    engine.submit("a", prompt, max_tokens=20, logits_processors=penalty)
+    (done,) = finish(engine).values()
+    assert done.token_ids == mlx_lm_tokens(model, tokenizer, prompt, 20, logits_processors=penalty)
+    pool.release(done.blocks)
+
+    runs = []
+    for _ in range(2):
+        mx.random.seed(7)
+        engine.submit("a", prompt, max_tokens=20, sampler=make_sampler(temp=1.0))
+        (done,) = finish(engine).values()
+        runs.append(done.token_ids)
+        pool.release(done.blocks)
+    assert runs[0] == runs[1]  # seeded sampling is reproducible
+    assert runs[0] != mlx_lm_tokens(model, tokenizer, prompt, 20)  # and is not greedy
+
+
+# ------------------------------------------------------------------ streaming and cancel
+
+
+def test_stream_yields_tokens_then_one_completion_per_request(llama):
+    _, _, pool, engine = llama
+    uids = [engine.submit(f"a{i}", tokens(10 + 20 * i, 6 + i), max_tokens=6) for i in range(3)]
+    seen = {u: [] for u in uids}
+    ends = {}
+    for event in engine.stream():
+        seen[event.uid].append(event.token)
+        if event.completion:
+            ends[event.uid] = event.completion
+    for uid in uids:
+        assert seen[uid] == ends[uid].token_ids
+        pool.release(ends[uid].blocks)
+
+
+def test_cancel_pending_and_running_requests(llama):
+    _, _, pool, engine = llama
+    engine.submit("a", tokens(20, 8), max_tokens=6)
+    (first,) = finish(engine).values()
+    held = pool.used_blocks()
+
+    pending = engine.submit("a", tokens(5, 9), cache=first.blocks, max_tokens=50)
+    assert engine.cancel(pending)
+    (cancelled,) = finish(engine).values()
+    assert cancelled.finish_reason == "cancelled" and cancelled.blocks is first.blocks
+    assert pool.used_blocks() == held
+
+    running = engine.submit("a", tokens(5, 9), cache=first.blocks, max_tokens=50)
+    other = engine.submit("b", tokens(9, 10), max_tokens=50)
+    results = {}
+    for event in engine.stream():
+        if event.uid == running and event.token is not None and not results:
+            results["cancel"] = engine.cancel(running)
+            results["again"] = engine.cancel(other, free_blocks=True)
+        if event.completion:
+            results[event.uid] = event.completion
+    assert results["cancel"] and results["again"]
+    assert results[running].finish_reason == "cancelled" and results[running].blocks is first.blocks
+    assert results[other].finish_reason == "cancelled" and results[other].blocks is None
+    assert pool.used_blocks() == held
+    assert not engine.cancel(running)  # already over
+    pool.release(first.blocks)
+    assert pool.available_blocks() == 40
+
+
+def test_requests_from_another_thread_join_the_running_batch(llama):
+    _, _, pool, engine = llama
+    long_uid = engine.submit("long", tokens(10, 11), max_tokens=120)
+    order = []
+    submitted = threading.Event()
+
+    def late_submit():
+        order.append(("short-submitted", engine.submit("short", tokens(8, 12), max_tokens=5)))
+        submitted.set()
+
+    for event in engine.stream():
+        if event.uid == long_uid and len(order) == 0 and event.token is not None:
+            thread = threading.Thread(target=late_submit)
+            thread.start()
+            thread.join()
+        if event.completion:
+            order.append((event.completion.agent_id, event.completion))
+    names = [name for name, _ in order]
+    assert submitted.is_set() and names == ["short-submitted", "short", "long"]
+    for name, completion in order[1:]:
+        pool.release(completion.blocks)
+
+
+# ------------------------------------------------------------------ failure and leaks
+
+
+class FailingModel:
+    """The real model, except that its ``fail_on``-th forward pass raises."""
+
+    def __init__(self, model, fail_on: int):
+        self._model, self.calls, self.fail_on = model, 0, fail_on
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise RuntimeError("simulated device failure")
+        return self._model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def test_model_failure_returns_blocks_and_engine_recovers(load_tiny):
+    model, tokenizer = load_tiny("llama")
+    wrapped = FailingModel(model, fail_on=10**9)
+    pool = BlockPool(ModelCacheSpec.from_model(model), num_blocks=40)
+    engine = BlockPoolBatchEngine(wrapped, tokenizer, pool)
+    engine.submit("keep", tokens(30, 13), max_tokens=4)
+    (history,) = finish(engine).values()
+    start = pool.available_blocks()
+
+    wrapped.fail_on = wrapped.calls + 5  # mid-generation, with two requests in the batch
+    engine.submit("keep", tokens(5, 14), cache=history.blocks, max_tokens=30)
+    engine.submit("other", tokens(12, 15), max_tokens=30)
+    done = list(engine.step())
+    assert {c.finish_reason for c in done} == {"error"}
+    for c in done:
+        assert isinstance(c.error, GenerationError) and "simulated device failure" in str(c.error)
+    assert pool.available_blocks() == start  # reservations returned; history intact
+    kept = next(c for c in done if c.agent_id == "keep").blocks
+    assert kept is history.blocks and pool.holds("keep", kept.all_blocks())
+
+    prompt = tokens(9, 16)  # the engine is usable again
+    engine.submit("keep", prompt, cache=kept, max_tokens=8)
+    (again,) = finish(engine).values()
+    full = history.blocks.token_ids + prompt
+    assert again.finish_reason in ("stop", "length")
+    assert again.token_ids == mlx_lm_tokens(model, tokenizer, full, 8)
+    pool.release(again.blocks)
+    assert pool.available_blocks() == 40
+
+
+def test_fifty_random_sequences_leak_nothing(llama):
+    _, _, pool, engine = llama
+    rng = random.Random(0)
+    start = pool.available_blocks()
+    caches: dict[str, AgentBlocks] = {}
+    for step in range(50):
+        uids = []
+        for agent in rng.sample(["a", "b", "c", "d"], rng.randint(1, 3)):
+            try:
+                uids.append(engine.submit(agent, tokens(rng.randint(1, 60), step), cache=caches.pop(agent, None), max_tokens=rng.randint(1, 12)))
+            except PoolExhaustedError:
+                pass
+        if uids and rng.random() < 0.3:
+            engine.cancel(rng.choice(uids), free_blocks=rng.random() < 0.5)
+        for done in engine.step():
+            if done.blocks is None:
+                continue
+            if rng.random() < 0.4:
+                pool.release(done.blocks)
+            else:
+                caches[done.agent_id] = done.blocks
+        pool.check_invariants()
+    for blocks in caches.values():
+        pool.release(blocks)
+    assert pool.available_blocks() == start
