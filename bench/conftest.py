@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import tiny_models  # noqa: E402  (the tests' tiny model builder)
 
 # EXP-006: Gemma-3-12B-like KV geometry, float16, 256-token blocks.
 HEADS, BLOCK_TOKENS, HEAD_DIM, DTYPE = 8, 256, 128, mx.float16
@@ -32,3 +39,16 @@ def record_seconds(benchmark, tokens: int | None = None) -> None:
     )
     if tokens is not None:
         benchmark.extra_info.update(tokens=tokens, tokens_per_s=float(tokens / np.median(data)))
+
+
+@pytest.fixture(scope="session")
+def llama(tmp_path_factory):
+    """The tests' tiny llama (2 layers, hidden 64), written to disk and loaded with mlx_lm.load."""
+    from mlx_lm import load
+
+    return load(str(tiny_models.write_model_dir(tmp_path_factory.mktemp("llama"), "llama")))
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    """``n`` random token ids, none of them special."""
+    return mx.random.randint(3, 512, (n,), key=mx.random.key(seed)).tolist()

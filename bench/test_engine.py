@@ -13,32 +13,15 @@ by bench/gate.py.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import mlx.core as mx
 import pytest
-from conftest import record_seconds
+from conftest import record_seconds, tokens
+from mlx_lm.generate import BatchGenerator, stream_generate
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import tiny_models  # noqa: E402
-from mlx_lm import load  # noqa: E402
-from mlx_lm.generate import BatchGenerator, stream_generate  # noqa: E402
-from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache  # noqa: E402
-
-from blockpool import AgentBlocks, BlockPool, BlockPoolBatchEngine, ModelCacheSpec  # noqa: E402
+from blockpool import AgentBlocks, BlockPool, BlockPoolBatchEngine, ModelCacheSpec
 
 HISTORY, NEW, DECODE_AGENTS, DECODE_TOKENS = 4096, 16, 8, 64
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    path = tiny_models.write_model_dir(tmp_path_factory.mktemp("llama"), "llama")
-    return load(str(path))
-
-
-def tokens(n: int, seed: int) -> list[int]:
-    return mx.random.randint(3, 512, (n,), key=mx.random.key(seed)).tolist()
 
 
 def first_token_time(responses) -> None:

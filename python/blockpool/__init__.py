@@ -14,6 +14,7 @@ from blockpool.errors import (
     PoolExhaustedError,
     UnsupportedModelError,
 )
+from blockpool.memory_store import AgentMemory, MemoryStats
 from blockpool.ops import gather_blocks, scatter_blocks
 from blockpool.pool import AgentUsage, BlockPool, BlockWrite, PoolStats
 from blockpool.spec import BLOCK_TOKENS, Geometry, LayerSpec, ModelCacheSpec
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BLOCK_TOKENS",
     "AgentBlocks",
+    "AgentMemory",
     "AgentUsage",
     "BlockOperationError",
     "BlockPool",
@@ -38,6 +40,7 @@ __all__ = [
     "InvalidRequestError",
     "KVBlock",
     "LayerSpec",
+    "MemoryStats",
     "ModelCacheSpec",
     "PoolExhaustedError",
     "PoolStats",

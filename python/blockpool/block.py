@@ -35,6 +35,9 @@ class AgentBlocks:
         ring_index: For sliding layers whose mlx-lm cache was a full ring,
             the ring's write index, so the cache is rebuilt in the same
             physical order and decoding continues bit for bit.
+        valid_from: For sliding layers, the first position whose tokens the
+            blocks really hold (older positions of the first block may never
+            have been written). Defaults to the window's start.
     """
 
     agent_id: str
@@ -43,6 +46,7 @@ class AgentBlocks:
     total_tokens: int
     token_ids: list[int]
     ring_index: dict[int, int] = field(default_factory=dict)
+    valid_from: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.check()
@@ -64,11 +68,22 @@ class AgentBlocks:
                     f"layer {layer_id} ({spec.layers[layer_id].attention}) holds {len(blocks)} blocks; "
                     f"{self.total_tokens} tokens need {hi - lo}"
                 )
+            window = spec.layers[layer_id].window
+            if window is not None and self.valid_start(layer_id) > max(0, self.total_tokens - window):
+                raise ValueError(f"layer {layer_id} does not hold the last {window} tokens")
 
     def first_block(self, layer_id: int) -> int:
         """Logical index (token position // block_tokens) of a layer's first block."""
         hi = -(-self.total_tokens // self.spec.block_tokens)
         return hi - len(self.blocks[layer_id])
+
+    def valid_start(self, layer_id: int) -> int:
+        """First position whose tokens a layer's blocks hold (0 for a full layer)."""
+        window = self.spec.layers[layer_id].window
+        if window is None:
+            return 0
+        first = self.first_block(layer_id) * self.spec.block_tokens
+        return max(first, self.valid_from.get(layer_id, max(0, self.total_tokens - window)))
 
     def all_blocks(self) -> Iterator[KVBlock]:
         """Every block of every layer."""

@@ -111,6 +111,7 @@ def from_mlx_caches(
     held_hi = -(-stored // b)
 
     plans = []  # (layer, kept blocks, blocks to free, new blocks needed, first position to write)
+    valid_from: dict[int, int] = {}
     extra: dict[int, int] = {}
     for layer_id, cache in enumerate(caches):
         if cache.offset != total:
@@ -128,6 +129,9 @@ def from_mlx_caches(
             kept, write_from = kept[:-1], (held_hi - 1) * b
             dropped.append(shared)
         fresh = hi - (lo + len(kept))  # kept blocks start at logical index lo
+        if window is not None:  # what the sliding layer's blocks will really hold
+            held_from = base.valid_start(layer_id) if stored else 0
+            valid_from[layer_id] = max(held_from, lo * b) if write_from <= stored else write_from
         have = len(spare.get(layer_id, []))
         if fresh > have:
             extra[layer_id] = fresh - have
@@ -164,7 +168,39 @@ def from_mlx_caches(
     release += [blk for rest in spare.values() for blk in rest]
     if release:
         pool.free(release, base.agent_id)
-    return AgentBlocks(base.agent_id, spec, blocks, total, list(token_ids), ring)
+    return AgentBlocks(base.agent_id, spec, blocks, total, list(token_ids), ring, valid_from)
+
+
+def truncate(pool: BlockPool, agent: AgentBlocks, tokens: int) -> AgentBlocks | None:
+    """Cut an agent's cache back to its first ``tokens`` tokens, freeing whole blocks past them.
+
+    The partly used block at the cut is kept; the tokens past the cut in it
+    are overwritten by the next extraction. ``agent`` is consumed.
+
+    Returns:
+        The shorter handle, or None (and nothing freed) when a sliding
+        layer does not hold the window that ends at the cut (its older
+        tokens were dropped or never stored), so the cache cannot serve
+        that prefix; as with mlx-lm's ``RotatingKVCache``, which cannot be
+        trimmed once it has wrapped.
+    """
+    if tokens >= agent.total_tokens:
+        return agent
+    spec = agent.spec
+    blocks, drop, valid_from = {}, [], {}
+    for layer_id, held in agent.blocks.items():
+        lo, hi = spec.block_range(layer_id, tokens)
+        first = agent.first_block(layer_id)
+        window = spec.layers[layer_id].window
+        if window is not None:
+            if agent.valid_start(layer_id) > max(0, tokens - window):
+                return None
+            valid_from[layer_id] = max(agent.valid_start(layer_id), lo * spec.block_tokens)
+        blocks[layer_id] = held[lo - first : hi - first]
+        drop += held[: lo - first] + held[hi - first :]
+    if drop:
+        pool.free(drop, agent.agent_id)
+    return AgentBlocks(agent.agent_id, spec, blocks, tokens, agent.token_ids[:tokens], valid_from=valid_from)
 
 
 def _shared_partial_block(pool: BlockPool, agent: AgentBlocks, layer_id: int) -> KVBlock | None:

@@ -61,6 +61,8 @@ class CompletedGeneration:
             (including reconstruction) to the first generated token.
         generation_tps: Decode speed after the first token, tokens per second.
         error: The ``GenerationError`` when ``finish_reason == "error"``.
+        cache_source: Set by ``AgentMemory``: where the agent's cache came
+            from (``"pool"``, ``"disk"``, ``"shared"`` or ``"cold"``).
     """
 
     uid: int
@@ -75,6 +77,7 @@ class CompletedGeneration:
     time_to_first_token: float | None
     generation_tps: float
     error: GenerationError | None = None
+    cache_source: str | None = None
 
 
 @dataclass
@@ -187,16 +190,10 @@ class BlockPoolBatchEngine:
             IncompatibleCacheError: ``cache`` was made for another model.
             PoolExhaustedError: The pool cannot hold prompt plus ``max_tokens``.
         """
-        if not isinstance(agent_id, str) or not agent_id:
-            raise InvalidRequestError(f"agent_id must be a non-empty string, got {agent_id!r}")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
-        stop = list(stop or [])
-        if not all(isinstance(s, str) and s for s in stop):
-            raise InvalidRequestError("stop must be a list of non-empty strings")
+        stop = self.check_request(agent_id, max_tokens, stop)
         if cache is not None:
             self._check_cache(agent_id, cache)
-        tokens = self._tokenize(prompt, resume=cache is not None and cache.total_tokens > 0)
+        tokens = self.tokenize(prompt, resume=cache is not None and cache.total_tokens > 0)
         base = cache if cache is not None else AgentBlocks.empty(agent_id, self.pool.spec)
 
         with self._lock:
@@ -222,6 +219,25 @@ class BlockPoolBatchEngine:
             self._agents_in_flight.add(agent_id)
             self._pending.append(request)
             return request.uid
+
+    def check_request(self, agent_id: str, max_tokens: int = 256, stop: Sequence[str] | None = None) -> list[str]:
+        """Validate the simple request arguments; returns ``stop`` as a list.
+
+        Raises:
+            InvalidRequestError: On a bad agent id, ``max_tokens`` or ``stop``,
+                or an agent that already has a generation in flight.
+        """
+        if not isinstance(agent_id, str) or not agent_id:
+            raise InvalidRequestError(f"agent_id must be a non-empty string, got {agent_id!r}")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+        stop = list(stop or [])
+        if not all(isinstance(s, str) and s for s in stop):
+            raise InvalidRequestError("stop must be a list of non-empty strings")
+        with self._lock:
+            if agent_id in self._agents_in_flight:
+                raise InvalidRequestError(f"agent {agent_id!r} already has a generation in flight")
+        return stop
 
     def cancel(self, uid: int, *, free_blocks: bool = False) -> bool:
         """Stop a request. Its reserved blocks go back to the pool.
@@ -299,7 +315,12 @@ class BlockPoolBatchEngine:
         if not self.pool.holds(agent_id, cache.all_blocks()):
             raise InvalidRequestError("the cache's blocks are no longer held by the agent (freed or stale)")
 
-    def _tokenize(self, prompt: str | Sequence[int], resume: bool) -> list[int]:
+    def tokenize(self, prompt: str | Sequence[int], resume: bool = False) -> list[int]:
+        """Token ids for a prompt, as ``submit`` makes them.
+
+        Raises:
+            InvalidRequestError: An empty prompt, or ids outside the vocabulary.
+        """
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("Prompt cannot be empty")

@@ -108,6 +108,7 @@ class BlockPool:
         self._free: list[list[int]] = [list(range(n - 1, -1, -1)) for n in sizes]
         self._refs: list[list[int]] = [[0] * n for n in sizes]
         self._layer: list[list[int]] = [[_FREE] * n for n in sizes]
+        self._generation: list[list[int]] = [[0] * n for n in sizes]  # bumped when contents change
         self._held: dict[str, set[tuple[int, int]]] = {}
         ops.ensure_cache_limit(self.total_bytes)
 
@@ -140,6 +141,13 @@ class BlockPool:
         g = self.spec.geometry_index(block.layer_id)
         with self._lock:
             return self._refs[g][block.block_id]
+
+    def generation(self, block: KVBlock) -> int:
+        """A counter bumped whenever a block is allocated or written: an index
+        entry that remembers it can tell that the block's tokens changed."""
+        g = self.spec.geometry_index(block.layer_id)
+        with self._lock:
+            return self._generation[g][block.block_id]
 
     def holds(self, agent_id: str, blocks: Iterable[KVBlock]) -> bool:
         """Whether the agent holds every one of ``blocks``."""
@@ -208,6 +216,7 @@ class BlockPool:
                     block_id = free.pop()
                     refs[block_id] = 1
                     layer[block_id] = layer_id
+                    self._generation[g][block_id] += 1
                     held.add((g, block_id))
                     blocks.append(KVBlock(layer_id, block_id))
                 out[layer_id] = blocks
@@ -331,6 +340,10 @@ class BlockPool:
                 self._planes[g][plane] = updated
             del out, updated
             mx.eval([p for planes in self._planes for p in planes.values()])
+            for w in writes:
+                g = self.spec.geometry_index(w.layer_id)
+                for block in w.blocks:
+                    self._generation[g][block.block_id] += 1
 
     # ------------------------------------------------------------ helpers
 

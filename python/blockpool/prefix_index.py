@@ -1,0 +1,106 @@
+"""Shared prefixes: full blocks keyed by a hash chained over their tokens, as vLLM does.
+
+Block ``j`` of a sequence is keyed by ``h_j = sha256(h_{j-1} || tokens of
+block j)``, so equal keys mean equal token prefixes, and agents whose
+prompts start the same can hold the same physical blocks (reference counted
+in the pool). Only full blocks are indexed: a shared block is never written.
+
+The index holds no references of its own. Each entry remembers the block's
+generation (bumped by the pool at every allocation and write), so an entry
+whose block was freed, reused or written since is recognised as stale and
+ignored. A sliding-window layer's block may hold only its later tokens
+(older ones were never stored); each entry records from which position its
+tokens are valid, and a prefix is only shared if every window it needs is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from blockpool.block import AgentBlocks, KVBlock
+from blockpool.pool import BlockPool
+
+
+def chain_hashes(tokens: Sequence[int], num_blocks: int, block_tokens: int) -> list[bytes]:
+    """The chained keys of the first ``num_blocks`` full blocks of ``tokens``."""
+    keys, parent = [], b""
+    for j in range(num_blocks):
+        chunk = np.asarray(tokens[j * block_tokens : (j + 1) * block_tokens], dtype=np.int64)
+        parent = hashlib.sha256(parent + chunk.tobytes()).digest()
+        keys.append(parent)
+    return keys
+
+
+class PrefixIndex:
+    """Which live blocks hold which token prefixes."""
+
+    def __init__(self, pool: BlockPool):
+        self.pool = pool
+        self._entries: dict[bytes, dict[int, tuple[KVBlock, int, int]]] = {}  # key -> layer -> (block, generation, valid from)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def register(self, agent: AgentBlocks) -> None:
+        """Index the full blocks an agent holds."""
+        b = agent.spec.block_tokens
+        full = agent.total_tokens // b
+        keys = chain_hashes(agent.token_ids, full, b)
+        for layer_id, blocks in agent.blocks.items():
+            first = agent.first_block(layer_id)
+            valid = agent.valid_start(layer_id)
+            for j in range(max(first, valid // b), min(full, first + len(blocks))):
+                entry = self._entries.setdefault(keys[j], {})
+                known = entry.get(layer_id)
+                if known is None or not self._alive(*known):
+                    block = blocks[j - first]
+                    entry[layer_id] = (block, self.pool.generation(block), max(valid, j * b))
+        if len(self._entries) > 4 * self.pool.total_blocks:
+            self._prune()
+
+    def lookup(self, tokens: Sequence[int], limit: int) -> tuple[int, dict[int, list[KVBlock]]]:
+        """The longest prefix of ``tokens`` (at most ``limit`` tokens, whole blocks) that live blocks hold.
+
+        Returns:
+            Its length, and per layer the blocks an agent resuming at that
+            length needs (every block for a full layer, the window's blocks
+            for a sliding one). ``(0, {})`` when nothing matches.
+        """
+        spec = self.pool.spec
+        b = spec.block_tokens
+        keys = chain_hashes(tokens, max(0, limit) // b, b)
+        full_layers = [i for i, layer in enumerate(spec.layers) if layer.window is None]
+        chain: list[dict[int, tuple[KVBlock, int]]] = []
+        for key in keys:
+            entry = self._entries.get(key, {})
+            live = {layer: (blk, valid) for layer, (blk, gen, valid) in entry.items() if self._alive(blk, gen)}
+            if not all(layer in live for layer in full_layers):
+                break
+            chain.append(live)
+        for j in range(len(chain) - 1, -1, -1):  # longest first
+            length = (j + 1) * b
+            blocks: dict[int, list[KVBlock]] = {}
+            for layer_id, layer in enumerate(spec.layers):
+                lo, hi = spec.block_range(layer_id, length)
+                needed_from = 0 if layer.window is None else max(0, length - layer.window)
+                picked = [chain[i].get(layer_id) for i in range(lo, hi)]
+                if any(p is None or p[1] > max(needed_from, i * b) for i, p in zip(range(lo, hi), picked)):
+                    break
+                blocks[layer_id] = [blk for blk, _ in picked]
+            else:
+                return length, blocks
+        return 0, {}
+
+    def _alive(self, block: KVBlock, generation: int, valid_from: int = 0) -> bool:
+        return self.pool.refcount(block) > 0 and self.pool.generation(block) == generation
+
+    def _prune(self) -> None:
+        for key in list(self._entries):
+            live = {layer: v for layer, v in self._entries[key].items() if self._alive(*v)}
+            if live:
+                self._entries[key] = live
+            else:
+                del self._entries[key]
