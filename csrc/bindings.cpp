@@ -80,6 +80,50 @@ Raises:
         that differ.)doc");
 
   m.def(
+      "gather_dequantize_blocks",
+      [](const std::vector<mx::array>& packed,
+         const std::vector<mx::array>& scales,
+         const std::vector<mx::array>& biases,
+         const std::vector<nb::object>& block_ids, int group_size, int bits,
+         mx::StreamOrDevice s) {
+        return blockpool::gather_dequantize_blocks(
+            packed, scales, biases,
+            to_block_ids(block_ids, "gather_dequantize_blocks"), group_size,
+            bits, s);
+      },
+      "packed"_a, "scales"_a, "biases"_a, "block_ids"_a, nb::kw_only(),
+      "group_size"_a = 64, "bits"_a = 4, "stream"_a = nb::none(),
+      nb::sig("def gather_dequantize_blocks(packed: collections.abc.Sequence[mlx.core.array], "
+              "scales: collections.abc.Sequence[mlx.core.array], "
+              "biases: collections.abc.Sequence[mlx.core.array], "
+              "block_ids: collections.abc.Sequence[collections.abc.Sequence[int] | mlx.core.array], "
+              "*, group_size: int = 64, bits: int = 4, "
+              "stream: mlx.core.Stream | mlx.core.Device | None = None) "
+              "-> list[mlx.core.array]"),
+      R"doc(Gather blocks of affine-quantized pools and dequantize them, in one pass.
+
+The pools use ``mx.quantize``'s layout along the head dim: ``packed``
+``[num_blocks, H, B, D * bits / 32]`` (uint32), ``scales`` and ``biases``
+``[num_blocks, H, B, D / group_size]``. The result equals
+``mx.dequantize`` of the gathered planes, bit for bit.
+
+Args:
+    packed: Packed pools, one per entry (the same pool may repeat).
+    scales: The matching scales pools.
+    biases: The matching biases pools.
+    block_ids: For each entry, the block indices to read, in order.
+    group_size: 32, 64 or 128, as given to ``mx.quantize``.
+    bits: 2, 4 or 8, as given to ``mx.quantize``.
+    stream: Stream or device to run on.
+
+Returns:
+    For each entry, ``[1, H, len(block_ids[i]) * B, D]`` in the scales' dtype.
+
+Raises:
+    ValueError: Ids out of range, shapes or dtypes that do not match, bits or
+        group_size not supported, or list lengths that differ.)doc");
+
+  m.def(
       "scatter_blocks",
       [](const std::vector<mx::array>& pools,
          const std::vector<nb::object>& block_ids,

@@ -44,6 +44,19 @@ std::vector<mx::array> scatter_blocks(
     const std::vector<int64_t>& offsets,
     mx::StreamOrDevice s = {});
 
+// Gather + dequantize: blocks of affine-quantized pools (mx.quantize layout:
+// packed uint32 [N, H, B, D*bits/32], scales and biases [N, H, B, D/group])
+// come out as float [1, H, n*B, D] in the scales' dtype, computed exactly as
+// mx.dequantize does. The same pool triple may appear in several entries.
+std::vector<mx::array> gather_dequantize_blocks(
+    const std::vector<mx::array>& packed,
+    const std::vector<mx::array>& scales,
+    const std::vector<mx::array>& biases,
+    const std::vector<BlockIds>& block_ids,
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s = {});
+
 // One entry of a primitive: which pool input it uses, where its
 // ids start in the flat id array, how many ids, and (scatter only) the
 // number of source tokens and their first position in the first block.
@@ -76,6 +89,37 @@ class GatherBlocks : public mx::Primitive {
 
  private:
   std::vector<BlockEntry> entries_;
+};
+
+// Inputs: [packed..., scales..., biases..., flat_ids], one of each per
+// distinct pool triple. Outputs: one float array per entry.
+class GatherDequantizeBlocks : public mx::Primitive {
+ public:
+  GatherDequantizeBlocks(mx::Stream stream, std::vector<BlockEntry> entries,
+                         int group_size, int bits)
+      : mx::Primitive(stream),
+        entries_(std::move(entries)),
+        group_size_(group_size),
+        bits_(bits) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs,
+                std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs,
+                std::vector<mx::array>& outputs) override;
+
+  const char* name() const override { return "GatherDequantizeBlocks"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(
+      const std::vector<mx::array>& inputs) override;
+
+  const std::vector<BlockEntry>& entries() const { return entries_; }
+  int group_size() const { return group_size_; }
+  int bits() const { return bits_; }
+
+ private:
+  std::vector<BlockEntry> entries_;
+  int group_size_;
+  int bits_;
 };
 
 // Inputs: [pool, flat_ids, sources...]. Output: the updated pool. One node

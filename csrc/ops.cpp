@@ -202,6 +202,91 @@ std::vector<mx::array> gather_blocks(const std::vector<mx::array>& pools,
       std::make_shared<GatherBlocks>(stream, std::move(flat.entries)), inputs);
 }
 
+std::vector<mx::array> gather_dequantize_blocks(
+    const std::vector<mx::array>& packed,
+    const std::vector<mx::array>& scales,
+    const std::vector<mx::array>& biases,
+    const std::vector<BlockIds>& block_ids, int group_size, int bits,
+    mx::StreamOrDevice s) {
+  const char* op = "gather_dequantize_blocks";
+  check_lengths(packed.size(), block_ids.size(), op);
+  if (scales.size() != packed.size() || biases.size() != packed.size()) {
+    fail(std::string(op) + ": packed, scales and biases must have one entry each per block id list.");
+  }
+  if (bits != 2 && bits != 4 && bits != 8) {
+    fail(std::string(op) + ": bits must be 2, 4 or 8, got " + std::to_string(bits) + ".");
+  }
+  if (group_size != 32 && group_size != 64 && group_size != 128) {
+    fail(std::string(op) + ": group_size must be 32, 64 or 128, got " + std::to_string(group_size) + ".");
+  }
+  if (packed.empty()) {
+    return {};
+  }
+  auto stream = mx::to_stream(s);
+  auto table = dedup_pools(packed, op);
+  std::vector<mx::array> unique_scales, unique_biases;
+  std::vector<bool> seen(table.unique.size(), false);
+  unique_scales.reserve(table.unique.size());
+  for (size_t i = 0; i < packed.size(); ++i) {
+    int p = table.index_of_entry[i];
+    const auto& q = packed[i];
+    std::ostringstream os;
+    os << op << ": entry " << i << ": ";
+    if (q.dtype() != mx::uint32) {
+      os << "packed data must be uint32, got " << q.dtype() << ".";
+      fail(os.str());
+    }
+    for (const auto* plane : {&scales[i], &biases[i]}) {
+      if (plane->ndim() != 4 || plane->shape(0) != q.shape(0) ||
+          plane->shape(1) != q.shape(1) || plane->shape(2) != q.shape(2) ||
+          (int64_t)plane->shape(3) * group_size != (int64_t)q.shape(3) * 32 / bits) {
+        os << "scales and biases must be [" << q.shape(0) << ", " << q.shape(1)
+           << ", " << q.shape(2) << ", " << q.shape(3) * 32 / bits / group_size
+           << "] for packed data " << shape_str(q.shape()) << " with bits="
+           << bits << " and group_size=" << group_size << ", got "
+           << shape_str(plane->shape()) << ".";
+        fail(os.str());
+      }
+    }
+    if (scales[i].dtype() != biases[i].dtype() ||
+        !mx::issubdtype(scales[i].dtype(), mx::floating)) {
+      os << "scales and biases must share one floating dtype.";
+      fail(os.str());
+    }
+    if (!seen[p]) {
+      seen[p] = true;
+      unique_scales.push_back(scales[i]);
+      unique_biases.push_back(biases[i]);
+    } else if (unique_scales[p].id() != scales[i].id() ||
+               unique_biases[p].id() != biases[i].id()) {
+      os << "the same packed pool is paired with other scales or biases.";
+      fail(os.str());
+    }
+  }
+  auto flat = flatten_ids(block_ids, table, false, op, stream);
+
+  std::vector<mx::Shape> shapes;
+  std::vector<mx::Dtype> dtypes;
+  for (const auto& e : flat.entries) {
+    const auto& q = table.unique[e.pool];
+    int64_t tokens = e.num_ids * q.shape(2);
+    if (tokens > std::numeric_limits<int32_t>::max()) {
+      fail(std::string(op) + ": too many blocks for one entry.");
+    }
+    shapes.push_back({1, q.shape(1), (int)tokens, q.shape(3) * 32 / bits});
+    dtypes.push_back(unique_scales[e.pool].dtype());
+  }
+  auto inputs = table.unique;
+  inputs.insert(inputs.end(), unique_scales.begin(), unique_scales.end());
+  inputs.insert(inputs.end(), unique_biases.begin(), unique_biases.end());
+  inputs.push_back(flat.ids[0]);
+  return mx::array::make_arrays(
+      std::move(shapes), dtypes,
+      std::make_shared<GatherDequantizeBlocks>(stream, std::move(flat.entries),
+                                               group_size, bits),
+      inputs);
+}
+
 std::vector<mx::array> scatter_blocks(const std::vector<mx::array>& pools,
                                       const std::vector<BlockIds>& block_ids,
                                       const std::vector<mx::array>& sources,

@@ -32,4 +32,23 @@ std::vector<mx::Shape> ScatterBlocks::output_shapes(
   return {inputs[0].shape()};
 }
 
+bool GatherDequantizeBlocks::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const GatherDequantizeBlocks&>(other);
+  return entries_ == o.entries_ && group_size_ == o.group_size_ &&
+         bits_ == o.bits_;
+}
+
+std::vector<mx::Shape> GatherDequantizeBlocks::output_shapes(
+    const std::vector<mx::array>& inputs) {
+  std::vector<mx::Shape> shapes;
+  shapes.reserve(entries_.size());
+  for (const auto& e : entries_) {
+    const auto& packed = inputs[e.pool];
+    shapes.push_back({1, packed.shape(1),
+                      static_cast<int>(e.num_ids * packed.shape(2)),
+                      packed.shape(3) * 32 / bits_});
+  }
+  return shapes;
+}
+
 }  // namespace blockpool

@@ -37,6 +37,17 @@ CONFIGS: dict[str, dict] = {
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,
     },
+    # Like "llama", with 64-wide heads so that every kv_group_size (32, 64) divides them.
+    "llama_hd64": {
+        **_COMMON,
+        "model_type": "llama",
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+    },
     "qwen2": {
         **_COMMON,
         "model_type": "qwen2",

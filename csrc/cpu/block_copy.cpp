@@ -8,7 +8,7 @@
 #include <stdexcept>
 
 #include "block_ops.h"
-#include "cpu/parallel_copy.h"
+#include "cpu/parallel.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 

@@ -82,6 +82,49 @@ void GatherBlocks::eval_gpu(const std::vector<mx::array>& inputs,
   }
 }
 
+void GatherDequantizeBlocks::eval_gpu(const std::vector<mx::array>& inputs,
+                                      std::vector<mx::array>& outputs) {
+  auto& s = stream();
+  auto& d = mx::metal::device(s.device);
+  auto& enc = mx::metal::get_command_encoder(s);
+  int n = (static_cast<int>(inputs.size()) - 1) / 3;
+  const auto& ids = inputs[3 * n];
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    const auto& e = entries_[i];
+    const auto& packed = inputs[e.pool];
+    const auto& scales = inputs[n + e.pool];
+    const auto& biases = inputs[2 * n + e.pool];
+    auto& out = outputs[i];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    if (out.size() == 0) {
+      continue;
+    }
+    int ids_start = e.ids_start, num_ids = e.num_ids;
+    int num_blocks = packed.shape(0), block = packed.shape(2);
+    int dim = out.shape(3), group_size = group_size_, bits = bits_;
+    auto* lib = d.get_library("blockpool", extension_dir());
+    auto* k = d.get_kernel("gather_dequantize_" + mx::type_to_name(out), lib);
+    enc.set_compute_pipeline_state(k);
+    enc.set_input_array(packed, 0);
+    enc.set_input_array(scales, 1);
+    enc.set_input_array(biases, 2);
+    enc.set_input_array(ids, 3);
+    enc.set_output_array(out, 4);
+    enc.set_vector_bytes(strides_of(packed), 5);
+    enc.set_vector_bytes(strides_of(scales), 6);
+    enc.set_bytes(ids_start, 7);
+    enc.set_bytes(num_ids, 8);
+    enc.set_bytes(num_blocks, 9);
+    enc.set_bytes(block, 10);
+    enc.set_bytes(dim, 11);
+    enc.set_bytes(group_size, 12);
+    enc.set_bytes(bits, 13);
+    MTL::Size grid(block * dim, num_ids, packed.shape(1));
+    MTL::Size group(std::min<size_t>(block * dim, k->maxTotalThreadsPerThreadgroup()), 1, 1);
+    enc.dispatch_threads(grid, group);
+  }
+}
+
 void ScatterBlocks::eval_gpu(const std::vector<mx::array>& inputs,
                              mx::array& out) {
   auto& s = stream();
@@ -146,6 +189,13 @@ void GatherBlocks::eval_gpu(const std::vector<mx::array>&,
   throw std::runtime_error(
       "gather_blocks: this build has no GPU kernel; use the CPU stream or "
       "blockpool.reference.");
+}
+
+void GatherDequantizeBlocks::eval_gpu(const std::vector<mx::array>&,
+                                      std::vector<mx::array>&) {
+  throw std::runtime_error(
+      "gather_dequantize_blocks: this build has no GPU kernel; use the CPU "
+      "stream or blockpool.reference.");
 }
 
 void ScatterBlocks::eval_gpu(const std::vector<mx::array>&, mx::array&) {

@@ -17,7 +17,7 @@ import mlx.core as mx
 
 from blockpool import _ext, reference
 
-__all__ = ["ensure_cache_limit", "gather_blocks", "native_gpu_kernels", "scatter_blocks"]
+__all__ = ["ensure_cache_limit", "gather_blocks", "gather_dequantize_blocks", "native_gpu_kernels", "scatter_blocks"]
 
 #: Whether this build has native GPU kernels (Metal). False on Linux.
 native_gpu_kernels: bool = mx.metal.is_available()
@@ -52,6 +52,7 @@ def ensure_cache_limit(nbytes: int) -> int:
 if native_gpu_kernels or not mx.cuda.is_available():
     gather_blocks = _ext.gather_blocks
     scatter_blocks = _ext.scatter_blocks
+    gather_dequantize_blocks = _ext.gather_dequantize_blocks
 else:  # pragma: no cover - CUDA builds of mlx only
 
     def gather_blocks(pools, block_ids, *, stream=None):  # type: ignore[no-redef]
@@ -60,6 +61,13 @@ else:  # pragma: no cover - CUDA builds of mlx only
             with mx.stream(stream or mx.default_device()):
                 return reference.gather_blocks(pools, block_ids)
         return _ext.gather_blocks(pools, block_ids, stream=stream)
+
+    def gather_dequantize_blocks(packed, scales, biases, block_ids, *, group_size=64, bits=4, stream=None):  # type: ignore[no-redef]
+        """Native fused gather + dequantize on CPU streams, the pure-MLX reference on CUDA."""
+        if _on_gpu(stream):
+            with mx.stream(stream or mx.default_device()):
+                return reference.gather_dequantize_blocks(packed, scales, biases, block_ids, group_size, bits)
+        return _ext.gather_dequantize_blocks(packed, scales, biases, block_ids, group_size=group_size, bits=bits, stream=stream)
 
     def scatter_blocks(pools, block_ids, sources, offsets=None, *, stream=None):  # type: ignore[no-redef]
         """Native scatter on CPU streams, the pure-MLX reference on CUDA."""

@@ -1,9 +1,12 @@
 """Agent cache files: one safetensors file per agent, written atomically, verified on load.
 
-A file holds, per layer, the K and V tokens the agent's blocks hold (only
-valid tokens, not whole blocks), the token ids, and metadata: the format
-version, the agent id, the model fingerprint, the cache layout, and a
-SHA-256 checksum over the data and the metadata.
+A file holds, per layer, the tokens the agent's blocks hold (only valid
+tokens, not whole blocks) in the pool's storage planes (K and V, or packed
+K and V with their scales and biases when the pool is quantized: stored as
+they are, so a 4-bit agent takes about a quarter of the disk), the token
+ids, and metadata: the format version, the agent id, the model
+fingerprint, the cache layout, the quantization, and a SHA-256 checksum
+over the data and the metadata.
 
 The reader is written here rather than taken from a library so that an
 untrusted or damaged file is checked (header size, JSON, dtypes, offsets,
@@ -60,13 +63,14 @@ class AgentFile:
     spec: ModelCacheSpec
     token_ids: list[int]
     first_token: list[int]  # per layer: position of the first stored token
-    keys: list[mx.array]  # per layer: [1, H, T_layer, Dk]
-    values: list[mx.array]
+    planes: list[dict[str, mx.array]]  # per layer: plane name -> [1, H, T_layer, d]
     ring_index: dict[int, int]
+    kv_bits: int | None = None
+    kv_group_size: int = 64
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
+        return sum(a.nbytes for layer in self.planes for a in layer.values())
 
 
 def agent_file_name(agent_id: str) -> str:
@@ -103,28 +107,38 @@ def model_fingerprint(model: nn.Module, spec: ModelCacheSpec) -> str:
 
 
 def export_agent(pool: BlockPool, agent: AgentBlocks, fingerprint: str) -> AgentFile:
-    """Read an agent's valid tokens out of the pool (every layer in one gather)."""
+    """Read an agent's valid tokens out of the pool as stored (every plane in one gather)."""
     spec, b, total = agent.spec, agent.spec.block_tokens, agent.total_tokens
-    data = pool.read({layer: blocks for layer, blocks in agent.blocks.items() if blocks}) if total else {}
-    first, keys, values = [], [], []
+    data = pool.read_planes({layer: blocks for layer, blocks in agent.blocks.items() if blocks}) if total else {}
+    first, planes = [], []
     for layer_id, layer in enumerate(spec.layers):
         start = agent.valid_start(layer_id)
         if total:
-            k, v = data[layer_id]
             offset = agent.first_block(layer_id) * b
-            k, v = k[..., start - offset : total - offset, :], v[..., start - offset : total - offset, :]
+            stored = {name: a[..., start - offset : total - offset, :] for name, a in data[layer_id].items()}
         else:
             g = layer.geometry
-            k = mx.zeros((1, g.kv_heads, 0, g.k_head_dim), dtype=g.mx_dtype)
-            v = mx.zeros((1, g.kv_heads, 0, g.v_head_dim), dtype=g.mx_dtype)
+            stored = {
+                name: mx.zeros((1, g.kv_heads, 0, dim), dtype=getattr(mx, dtype))
+                for name, (dim, dtype) in g.planes(pool.kv_bits, pool.kv_group_size).items()
+            }
         first.append(start)
-        keys.append(k)
-        values.append(v)
-    return AgentFile(agent.agent_id, fingerprint, spec, list(agent.token_ids), first, keys, values, dict(agent.ring_index))
+        planes.append(stored)
+    return AgentFile(
+        agent.agent_id, fingerprint, spec, list(agent.token_ids), first, planes, dict(agent.ring_index), pool.kv_bits, pool.kv_group_size
+    )
 
 
 def import_agent(pool: BlockPool, file: AgentFile) -> AgentBlocks:
-    """Allocate blocks for a loaded agent and write its tokens into them, all or nothing."""
+    """Allocate blocks for a loaded agent and write its tokens into them, all or nothing.
+
+    Raises:
+        IncompatibleCacheError: The file's quantization is not the pool's.
+    """
+    if (file.kv_bits, file.kv_group_size if file.kv_bits else None) != (pool.kv_bits, pool.kv_group_size if pool.kv_bits else None):
+        raise IncompatibleCacheError(
+            f"agent {file.agent_id!r} was stored with kv_bits={file.kv_bits}, the pool uses kv_bits={pool.kv_bits}"
+        )
     spec, b, total = file.spec, file.spec.block_tokens, len(file.token_ids)
     counts, starts = {}, {}
     for layer_id in range(spec.num_layers):
@@ -134,11 +148,11 @@ def import_agent(pool: BlockPool, file: AgentFile) -> AgentBlocks:
     reserved = pool.reserve(counts, file.agent_id)
     try:
         writes = [
-            BlockWrite(layer_id, reserved[layer_id], file.keys[layer_id], file.values[layer_id], file.first_token[layer_id] - starts[layer_id])
+            (layer_id, reserved[layer_id], file.planes[layer_id], file.first_token[layer_id] - starts[layer_id])
             for layer_id in range(spec.num_layers)
-            if file.keys[layer_id].shape[2]
+            if total > file.first_token[layer_id]
         ]
-        pool.write(writes)
+        pool.write_planes(writes)
         valid_from = {i: file.first_token[i] for i, layer in enumerate(spec.layers) if layer.window is not None}
         return AgentBlocks(file.agent_id, spec, reserved, total, list(file.token_ids), dict(file.ring_index), valid_from)
     except Exception:
@@ -152,9 +166,9 @@ def import_agent(pool: BlockPool, file: AgentFile) -> AgentBlocks:
 def save_agent_file(path: Path, file: AgentFile) -> int:
     """Write ``file`` to ``path`` atomically. Returns the bytes written."""
     tensors: dict[str, mx.array] = {"token_ids": mx.array(file.token_ids, dtype=mx.int32)}
-    for i, (k, v) in enumerate(zip(file.keys, file.values)):
-        tensors[f"layers.{i}.keys"] = k
-        tensors[f"layers.{i}.values"] = v
+    for i, layer in enumerate(file.planes):
+        for name, array in layer.items():
+            tensors[f"layers.{i}.{name}"] = array
     header: dict[str, Any] = {}
     chunks: list[bytes] = []
     offset = 0
@@ -176,6 +190,8 @@ def save_agent_file(path: Path, file: AgentFile) -> int:
         "spec": json.dumps(file.spec.to_dict(), sort_keys=True),
         "first_token": json.dumps(file.first_token),
         "ring_index": json.dumps({str(k): v for k, v in file.ring_index.items()}),
+        "kv_bits": json.dumps(file.kv_bits),
+        "kv_group_size": json.dumps(file.kv_group_size),
     }
     metadata["checksum"] = _checksum(digest, metadata)
     header["__metadata__"] = metadata
@@ -293,32 +309,36 @@ def load_agent_file(path: Path, fingerprint: str | None = None, spec: ModelCache
         first_token = json.loads(metadata["first_token"])
         ring_index = {int(k): v for k, v in json.loads(metadata["ring_index"]).items()}
         token_ids = arrays["token_ids"].tolist()
-        keys = [arrays[f"layers.{i}.keys"] for i in range(file_spec.num_layers)]
-        values = [arrays[f"layers.{i}.values"] for i in range(file_spec.num_layers)]
-        _check_consistent(file_spec, token_ids, first_token, keys, values)
+        kv_bits, kv_group_size = json.loads(metadata["kv_bits"]), json.loads(metadata["kv_group_size"])
+        planes = []
+        for i, layer in enumerate(file_spec.layers):
+            names = layer.geometry.planes(kv_bits, kv_group_size)
+            planes.append({name: arrays[f"layers.{i}.{name}"] for name in names})
+        _check_consistent(file_spec, token_ids, first_token, planes, kv_bits, kv_group_size)
     except (KeyError, ValueError, TypeError, AttributeError) as e:  # checksummed, yet inconsistent
         raise _corrupt(path, f"inconsistent contents ({e})") from e
     if fingerprint is not None and metadata["fingerprint"] != fingerprint:
         raise IncompatibleCacheError(f"{path} was written for another model (fingerprint {metadata['fingerprint']})")
     if spec is not None and file_spec != spec:
         raise IncompatibleCacheError(f"{path} was written for another cache layout")
-    return AgentFile(agent_id, metadata["fingerprint"], file_spec, token_ids, first_token, keys, values, ring_index)
+    return AgentFile(agent_id, metadata["fingerprint"], file_spec, token_ids, first_token, planes, ring_index, kv_bits, kv_group_size)
 
 
-def _check_consistent(spec: ModelCacheSpec, token_ids, first_token, keys, values) -> None:
+def _check_consistent(spec: ModelCacheSpec, token_ids, first_token, planes, kv_bits, kv_group_size) -> None:
     if len(first_token) != spec.num_layers:
         raise ValueError("one first-token position per layer expected")
+    if kv_bits not in (None, 4, 8) or kv_group_size not in (32, 64, 128):
+        raise ValueError(f"unknown quantization kv_bits={kv_bits}, kv_group_size={kv_group_size}")
     total = len(token_ids)
     for i, layer in enumerate(spec.layers):
         g = layer.geometry
-        k, v = keys[i], values[i]
         tokens = total - first_token[i]
         if not 0 <= first_token[i] <= total:
             raise ValueError(f"layer {i} starts at token {first_token[i]} of {total}")
-        if k.shape != (1, g.kv_heads, tokens, g.k_head_dim) or v.shape != (1, g.kv_heads, tokens, g.v_head_dim):
-            raise ValueError(f"layer {i} arrays have shapes {k.shape} and {v.shape}")
-        if str(k.dtype) != str(g.mx_dtype) or str(v.dtype) != str(g.mx_dtype):
-            raise ValueError(f"layer {i} arrays have dtype {k.dtype}, the layout says {g.dtype}")
+        for name, (dim, dtype) in g.planes(kv_bits, kv_group_size).items():
+            array = planes[i][name]
+            if array.shape != (1, g.kv_heads, tokens, dim) or str(array.dtype) != f"mlx.core.{dtype}":
+                raise ValueError(f"layer {i} plane {name} is {array.dtype} {array.shape}")
 
 
 def quarantine(path: Path) -> Path:

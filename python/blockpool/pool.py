@@ -1,7 +1,9 @@
 """The block pool: all KV memory of all agents, under one fixed budget.
 
 Storage is preallocated: per geometry (distinct kv heads, head dims and
-dtype) one K and one V array ``[num_blocks, H, B, D]``. Block ids come from
+dtype) one K and one V array ``[num_blocks, H, B, D]``, or, with
+``kv_bits``, the packed K and V, their scales and their biases in
+``mx.quantize``'s layout (see ``Geometry.planes``). Block ids come from
 one id space per geometry. Allocation and free are O(1) per block (a free
 stack, a refcount list, and a set of held blocks per agent), all under one
 lock, so submit and step may run on different threads.
@@ -75,17 +77,40 @@ class BlockPool:
         num_blocks: Total blocks, split between geometries by layer count.
         memory_bytes: A budget in bytes instead of a block count: the pool
             holds as many whole "one block per layer" rows as fit.
+        kv_bits: Store blocks quantized: 8 or 4 bits (``mx.quantize``,
+            affine), or None for the model's dtype. Writes quantize the new
+            tokens; reads dequantize in the same native pass that gathers.
+        kv_group_size: Quantization group along the head dim: 32, 64 or 128.
     """
 
-    def __init__(self, spec: ModelCacheSpec, num_blocks: int | None = None, memory_bytes: int | None = None):
+    def __init__(
+        self,
+        spec: ModelCacheSpec,
+        num_blocks: int | None = None,
+        memory_bytes: int | None = None,
+        *,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+    ):
         if (num_blocks is None) == (memory_bytes is None):
             raise InvalidRequestError("give exactly one of num_blocks and memory_bytes")
+        if kv_bits not in (None, 4, 8):
+            raise InvalidRequestError(f"kv_bits must be None, 8 or 4, got {kv_bits!r}")
+        if kv_group_size not in (32, 64, 128):
+            raise InvalidRequestError(f"kv_group_size must be 32, 64 or 128, got {kv_group_size!r}")
+        if kv_bits is not None:
+            for g in spec.geometries:
+                if g.k_head_dim % kv_group_size or g.v_head_dim % kv_group_size:
+                    raise InvalidRequestError(
+                        f"head dims {g.k_head_dim}/{g.v_head_dim} are not multiples of kv_group_size={kv_group_size}"
+                    )
         self.spec = spec
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
         self.block_tokens = spec.block_tokens
         self._lock = threading.RLock()
         layer_counts = [len(spec.layers_of(g)) for g in range(len(spec.geometries))]
         if memory_bytes is not None:
-            row_bytes = sum(n * g.bytes_per_block(self.block_tokens) for n, g in zip(layer_counts, spec.geometries))
+            row_bytes = sum(n * self._block_bytes(g) for n, g in zip(layer_counts, spec.geometries))
             rows = int(memory_bytes) // row_bytes
             if rows < 1:
                 raise InvalidRequestError(f"memory_bytes={memory_bytes} is less than one block per layer ({row_bytes} bytes)")
@@ -93,16 +118,14 @@ class BlockPool:
         else:
             sizes = _split(int(num_blocks), layer_counts)
         self._sizes = sizes
-        self._bytes_per_block = [g.bytes_per_block(self.block_tokens) for g in spec.geometries]
-        self._planes: list[dict[str, mx.array]] = []
-        for g, n in zip(spec.geometries, sizes):
-            shape = (n, g.kv_heads, self.block_tokens)
-            self._planes.append(
-                {
-                    "k": mx.zeros(shape + (g.k_head_dim,), dtype=g.mx_dtype),
-                    "v": mx.zeros(shape + (g.v_head_dim,), dtype=g.mx_dtype),
-                }
-            )
+        self._bytes_per_block = [self._block_bytes(g) for g in spec.geometries]
+        self._planes: list[dict[str, mx.array]] = [
+            {
+                name: mx.zeros((n, g.kv_heads, self.block_tokens, dim), dtype=getattr(mx, dtype))
+                for name, (dim, dtype) in g.planes(kv_bits, kv_group_size).items()
+            }
+            for g, n in zip(spec.geometries, sizes)
+        ]
         mx.eval([p for planes in self._planes for p in planes.values()])  # commit the memory now
         # Popping from the end hands out low ids first.
         self._free: list[list[int]] = [list(range(n - 1, -1, -1)) for n in sizes]
@@ -113,6 +136,14 @@ class BlockPool:
         ops.ensure_cache_limit(self.total_bytes)
 
     # ------------------------------------------------------------ accounting
+
+    def _block_bytes(self, geometry) -> int:
+        return geometry.bytes_per_block(self.block_tokens, self.kv_bits, self.kv_group_size)
+
+    @property
+    def plane_names(self) -> list[str]:
+        """The arrays each block is stored in (the same for every geometry)."""
+        return list(self._planes[0])
 
     @property
     def total_blocks(self) -> int:
@@ -292,45 +323,92 @@ class BlockPool:
     # ------------------------------------------------------------ data
 
     def read(self, layer_blocks: Mapping[int, Sequence[KVBlock]]) -> dict[int, tuple[mx.array, mx.array]]:
-        """Gather blocks into contiguous ``[1, H, n*B, D]`` K and V, all layers in one call.
+        """Gather blocks into contiguous ``[1, H, n*B, D]`` K and V in the model's dtype.
 
-        The results are evaluated before they are returned, so they hold no
-        reference to the pool.
+        Every layer and plane goes through one native call; quantized blocks
+        are dequantized in the same pass. The results are evaluated before
+        they are returned, so they hold no reference to the pool.
         """
         with self._lock:
-            pools, ids, layers = [], [], []
+            ids, layers = [], []
+            suffixes = ("", "_scales", "_biases") if self.kv_bits else ("",)
+            stacks: dict[str, list[mx.array]] = {suffix: [] for suffix in suffixes}
             for layer_id, blocks in layer_blocks.items():
                 g = self.spec.geometry_index(layer_id)
                 block_ids = self._owned_ids(layer_id, blocks)
-                pools += [self._planes[g]["k"], self._planes[g]["v"]]
-                ids += [block_ids, block_ids]
+                for plane in ("k", "v"):
+                    for suffix in suffixes:
+                        stacks[suffix].append(self._planes[g][plane + suffix])
+                    ids.append(block_ids)
                 layers.append(layer_id)
-            out = ops.gather_blocks(pools, ids)
-            del pools
+            if self.kv_bits is None:
+                out = ops.gather_blocks(stacks[""], ids)
+            else:
+                out = ops.gather_dequantize_blocks(
+                    stacks[""], stacks["_scales"], stacks["_biases"], ids, group_size=self.kv_group_size, bits=self.kv_bits
+                )
+            del stacks  # no reference to a plane may outlive the read
             mx.eval(out)
             return {layer_id: (out[2 * i], out[2 * i + 1]) for i, layer_id in enumerate(layers)}
 
+    def read_planes(self, layer_blocks: Mapping[int, Sequence[KVBlock]]) -> dict[int, dict[str, mx.array]]:
+        """Gather blocks as stored (packed and scales too, when quantized), all in one call."""
+        with self._lock:
+            pools, ids, keys = [], [], []
+            for layer_id, blocks in layer_blocks.items():
+                g = self.spec.geometry_index(layer_id)
+                block_ids = self._owned_ids(layer_id, blocks)
+                for name, plane in self._planes[g].items():
+                    pools.append(plane)
+                    ids.append(block_ids)
+                    keys.append((layer_id, name))
+            out = ops.gather_blocks(pools, ids)
+            del pools
+            mx.eval(out)
+            result: dict[int, dict[str, mx.array]] = {}
+            for (layer_id, name), array in zip(keys, out):
+                result.setdefault(layer_id, {})[name] = array
+            return result
+
     def write(self, writes: Sequence[BlockWrite]) -> None:
-        """Write tokens into blocks, every layer and plane in one scatter, in place.
+        """Write tokens into blocks, quantizing them if the pool is quantized.
+
+        Every layer and plane goes through one native scatter, in place.
 
         Raises:
             BlockOperationError: A block is free, belongs to another layer,
                 or is shared (shared blocks are read-only: copy on write).
             ValueError: Shapes or dtypes do not match the pool; nothing written.
         """
+        planes = []
+        for w in writes:
+            if self.kv_bits is None:
+                sources = {"k": w.keys, "v": w.values}
+            else:
+                sources = {}
+                for name, x in (("k", w.keys), ("v", w.values)):
+                    q, scales, biases = mx.quantize(x, group_size=self.kv_group_size, bits=self.kv_bits)
+                    sources.update({name: q, f"{name}_scales": scales, f"{name}_biases": biases})
+            planes.append((w.layer_id, w.blocks, sources, w.offset))
+        self.write_planes(planes)
+
+    def write_planes(self, writes: Sequence[tuple[int, Sequence[KVBlock], Mapping[str, mx.array], int]]) -> None:
+        """Write arrays as stored, ``(layer, blocks, {plane: [1, H, T, d]}, offset)`` each; see ``write``."""
         with self._lock:
             pools, ids, sources, offsets, targets = [], [], [], [], []
-            for w in writes:
-                g = self.spec.geometry_index(w.layer_id)
-                block_ids = self._owned_ids(w.layer_id, w.blocks)
+            for layer_id, blocks, arrays, offset in writes:
+                g = self.spec.geometry_index(layer_id)
+                block_ids = self._owned_ids(layer_id, blocks)
                 for block_id in block_ids:
                     if self._refs[g][block_id] > 1:
-                        raise BlockOperationError(f"block {block_id} of layer {w.layer_id} is shared: copy it before writing")
-                for plane, source in (("k", w.keys), ("v", w.values)):
+                        raise BlockOperationError(f"block {block_id} of layer {layer_id} is shared: copy it before writing")
+                if set(arrays) != set(self._planes[g]):
+                    raise ValueError(f"expected planes {sorted(self._planes[g])}, got {sorted(arrays)}")
+                for plane, source in arrays.items():
                     pools.append(self._planes[g][plane])
                     ids.append(block_ids)
                     sources.append(source)
-                    offsets.append(w.offset)
+                    offsets.append(offset)
                     targets.append((g, plane))
             if not pools:
                 return
@@ -340,9 +418,9 @@ class BlockPool:
                 self._planes[g][plane] = updated
             del out, updated
             mx.eval([p for planes in self._planes for p in planes.values()])
-            for w in writes:
-                g = self.spec.geometry_index(w.layer_id)
-                for block in w.blocks:
+            for layer_id, blocks, _, _ in writes:
+                g = self.spec.geometry_index(layer_id)
+                for block in blocks:
                     self._generation[g][block.block_id] += 1
 
     # ------------------------------------------------------------ helpers

@@ -57,3 +57,21 @@ def scatter_blocks(
         num_blocks = pool.shape[0]
         updated[key] = flat.reshape(num_blocks, block, heads, dim).transpose(0, 2, 1, 3)
     return [updated[first_seen[id(pool)]] for pool in pools]
+
+
+def gather_dequantize_blocks(
+    packed: Sequence[mx.array],
+    scales: Sequence[mx.array],
+    biases: Sequence[mx.array],
+    block_ids: Sequence[BlockIdList],
+    group_size: int = 64,
+    bits: int = 4,
+) -> list[mx.array]:
+    """Reference fused gather + dequantize: gather each plane, then ``mx.dequantize``."""
+    out = []
+    for qi, si, bi in zip(*(gather_blocks(planes, block_ids) for planes in (packed, scales, biases))):
+        if qi.shape[2] == 0:  # mx.dequantize cannot reshape an empty array
+            out.append(mx.zeros(qi.shape[:3] + (qi.shape[3] * 32 // bits,), dtype=si.dtype))
+        else:
+            out.append(mx.dequantize(qi, si, bi, group_size=group_size, bits=bits))
+    return out

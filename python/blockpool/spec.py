@@ -29,10 +29,28 @@ class Geometry:
     def mx_dtype(self) -> mx.Dtype:
         return getattr(mx, self.dtype)
 
-    def bytes_per_block(self, block_tokens: int = BLOCK_TOKENS) -> int:
-        """Bytes of one block: K and V of one layer for ``block_tokens`` tokens."""
-        item = self.mx_dtype.size
-        return self.kv_heads * block_tokens * (self.k_head_dim + self.v_head_dim) * item
+    def planes(self, kv_bits: int | None = None, group_size: int = 64) -> dict[str, tuple[int, str]]:
+        """The arrays one block of this geometry is stored in: name -> (last dim, dtype).
+
+        Unquantized: ``k`` and ``v``. Quantized (``mx.quantize`` layout along
+        the head dim): packed ``k``/``v`` in uint32, and ``k_scales``,
+        ``k_biases``, ``v_scales``, ``v_biases`` in the model's dtype.
+        """
+        if kv_bits is None:
+            return {"k": (self.k_head_dim, self.dtype), "v": (self.v_head_dim, self.dtype)}
+        planes = {}
+        for name, dim in (("k", self.k_head_dim), ("v", self.v_head_dim)):
+            planes[name] = (dim * kv_bits // 32, "uint32")
+            planes[f"{name}_scales"] = (dim // group_size, self.dtype)
+            planes[f"{name}_biases"] = (dim // group_size, self.dtype)
+        return planes
+
+    def bytes_per_block(self, block_tokens: int = BLOCK_TOKENS, kv_bits: int | None = None, group_size: int = 64) -> int:
+        """Bytes of one block: K and V of one layer for ``block_tokens`` tokens, as stored."""
+        return sum(
+            self.kv_heads * block_tokens * dim * getattr(mx, dtype).size
+            for dim, dtype in self.planes(kv_bits, group_size).values()
+        )
 
 
 @dataclass(frozen=True)
@@ -120,9 +138,9 @@ class ModelCacheSpec:
         g = self.geometries[geometry]
         return [i for i, layer in enumerate(self.layers) if layer.geometry == g]
 
-    def bytes_per_block(self, layer_id: int) -> int:
-        """Bytes of one block of a layer (K and V for ``block_tokens`` tokens)."""
-        return self.layers[layer_id].geometry.bytes_per_block(self.block_tokens)
+    def bytes_per_block(self, layer_id: int, kv_bits: int | None = None, group_size: int = 64) -> int:
+        """Bytes of one block of a layer (K and V for ``block_tokens`` tokens), as stored."""
+        return self.layers[layer_id].geometry.bytes_per_block(self.block_tokens, kv_bits, group_size)
 
     def max_blocks(self, layer_id: int) -> int | None:
         """Most blocks a layer ever holds: ``ceil(window / B) + 1`` if sliding, else None."""
@@ -146,9 +164,11 @@ class ModelCacheSpec:
         lo = 0 if window is None else max(0, tokens - window) // b
         return lo, hi
 
-    def bytes_for_tokens(self, tokens: int) -> int:
+    def bytes_for_tokens(self, tokens: int, kv_bits: int | None = None, group_size: int = 64) -> int:
         """Pool bytes one agent of ``tokens`` tokens holds."""
-        return sum(self.blocks_held(i, tokens) * self.bytes_per_block(i) for i in range(self.num_layers))
+        return sum(
+            self.blocks_held(i, tokens) * self.bytes_per_block(i, kv_bits, group_size) for i in range(self.num_layers)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready description, for persistence and compatibility checks."""

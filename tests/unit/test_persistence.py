@@ -54,7 +54,7 @@ def test_agent_round_trip_through_pool_and_disk(tmp_path):
     loaded = load_agent_file(path, "fp", SPEC)
     assert loaded.token_ids == list(range(total)) and loaded.ring_index == {1: 7}
     assert loaded.first_token == [0, total - 40]
-    assert loaded.keys[1].shape == (1, 2, 40, 8)  # only the window's valid tokens are stored
+    assert loaded.planes[1]["k"].shape == (1, 2, 40, 8)  # only the window's valid tokens are stored
 
     pool.release(agent)
     back = import_agent(pool, loaded)
@@ -153,7 +153,7 @@ def test_header_can_be_read_without_data(tmp_path):
     path = tmp_path / "a.safetensors"
     save_agent_file(path, synthetic_file(50, marker=2))
     tensors, metadata, _ = read_header(path)
-    assert metadata["fingerprint"] == "fp" and "layers.0.keys" in tensors and len(metadata["checksum"]) == 64
+    assert metadata["fingerprint"] == "fp" and "layers.0.k" in tensors and len(metadata["checksum"]) == 64
 
 
 # ------------------------------------------------------------------ crash safety

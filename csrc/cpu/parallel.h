@@ -1,7 +1,8 @@
-// A strided 2-D byte copier that splits large copies across threads.
+// Work split across threads: a strided 2-D byte copier, and a parallel loop.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 namespace blockpool::cpu {
@@ -27,6 +28,11 @@ struct Tile {
 // Copies every tile. Tiles must not overlap each other's destinations.
 // Uses up to num_copy_threads() threads once the copy is large enough.
 void copy_tiles(const std::vector<Tile>& tiles);
+
+// Runs body(begin, end) over [0, n) in contiguous chunks on up to
+// num_copy_threads() threads; `bytes_per_item` decides when threads pay off.
+void parallel_for(int64_t n, int64_t bytes_per_item,
+                  const std::function<void(int64_t, int64_t)>& body);
 
 // BLOCKPOOL_NUM_THREADS if set, else the hardware threads, at most 8.
 int num_copy_threads();

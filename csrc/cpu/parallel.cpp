@@ -1,4 +1,4 @@
-#include "cpu/parallel_copy.h"
+#include "cpu/parallel.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -134,6 +134,27 @@ void copy_tiles(const std::vector<Tile>& tiles) {
     pending.push_back(helper_threads().enqueue(run, bounds[k], bounds[k + 1]));
   }
   run(bounds[0], bounds[1]);
+  for (auto& f : pending) {
+    f.get();
+  }
+}
+
+void parallel_for(int64_t n, int64_t bytes_per_item,
+                  const std::function<void(int64_t, int64_t)>& body) {
+  int64_t wanted = std::max<int64_t>(1, n * bytes_per_item / kMinBytesPerThread);
+  int threads = static_cast<int>(
+      std::min<int64_t>({num_copy_threads(), wanted, std::max<int64_t>(n, 1)}));
+  if (threads <= 1) {
+    body(0, n);
+    return;
+  }
+  std::vector<std::future<void>> pending;
+  int64_t chunk = (n + threads - 1) / threads;
+  for (int64_t begin = chunk; begin < n; begin += chunk) {
+    pending.push_back(
+        helper_threads().enqueue(body, begin, std::min(n, begin + chunk)));
+  }
+  body(0, std::min(n, chunk));
   for (auto& f : pending) {
     f.get();
   }
