@@ -14,6 +14,7 @@ from blockpool.errors import (
     PoolExhaustedError,
     UnsupportedModelError,
 )
+from blockpool.generate import AgentGenerationResponse, batch_generate, generate, stream_generate
 from blockpool.memory_store import AgentMemory, MemoryStats
 from blockpool.ops import gather_blocks, scatter_blocks
 from blockpool.pool import AgentUsage, BlockPool, BlockWrite, PoolStats
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BLOCK_TOKENS",
     "AgentBlocks",
+    "AgentGenerationResponse",
     "AgentMemory",
     "AgentUsage",
     "BlockOperationError",
@@ -45,11 +47,14 @@ __all__ = [
     "PoolExhaustedError",
     "PoolStats",
     "UnsupportedModelError",
+    "batch_generate",
     "blocks_to_reserve",
     "from_mlx_caches",
     "gather_blocks",
+    "generate",
     "ops",
     "reference",
     "scatter_blocks",
+    "stream_generate",
     "to_mlx_caches",
 ]

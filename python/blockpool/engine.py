@@ -89,6 +89,7 @@ class GenerationEvent:
     token: int | None
     text: str
     completion: CompletedGeneration | None = None
+    logprobs: mx.array | None = None  # log-probabilities over the vocabulary for this token
 
 
 @dataclass
@@ -293,6 +294,15 @@ class BlockPoolBatchEngine:
             for response in responses:
                 yield from self._on_token(response)
 
+    @property
+    def batch_cache_nbytes(self) -> int:
+        """Bytes of KV the running batch holds outside the pool (mlx-lm's working caches)."""
+        return self._batch.prompt_cache_nbytes
+
+    def stats(self) -> Any:
+        """mlx-lm's ``BatchGenerator.stats()``: a context manager measuring the work inside it."""
+        return self._batch.stats()
+
     def close(self) -> None:
         """Cancel everything in flight and release the generator."""
         with self._lock:
@@ -388,7 +398,7 @@ class BlockPoolBatchEngine:
         delta = request.text[request.emitted : visible]
         request.emitted = max(request.emitted, visible)
         if finish is None:
-            yield GenerationEvent(request.uid, request.agent_id, response.token, delta)
+            yield GenerationEvent(request.uid, request.agent_id, response.token, delta, logprobs=response.logprobs)
             return
         del self._active[response.uid]
         if response.finish_reason is None:  # ended by a stop string: take it out of the batch
@@ -397,7 +407,7 @@ class BlockPoolBatchEngine:
             caches, all_tokens = response.prompt_cache, response.all_tokens
         completion = self._complete(request, caches, all_tokens, finish)
         self._release(request)
-        yield GenerationEvent(request.uid, request.agent_id, response.token, delta, completion)
+        yield GenerationEvent(request.uid, request.agent_id, response.token, delta, completion, response.logprobs)
 
     def _complete(self, request: _Request, caches: list[Any], all_tokens: list[int], finish: str) -> CompletedGeneration:
         try:

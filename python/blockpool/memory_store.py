@@ -96,7 +96,7 @@ class AgentMemory:
             IncompatibleCacheError.
         """
         self.engine.check_request(agent_id, generation_args.get("max_tokens", 256), generation_args.get("stop"))
-        tokens = self._tokenize(prompt)
+        tokens = self.tokenize(prompt)
         with self._lock:
             if agent_id in self._busy.values():
                 raise InvalidRequestError(f"agent {agent_id!r} already has a generation in flight")
@@ -208,7 +208,12 @@ class AgentMemory:
 
     # ------------------------------------------------------------ internals
 
-    def _tokenize(self, prompt: Prompt) -> list[int]:
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """Token ids for a full prompt: text, token ids, or chat messages.
+
+        Raises:
+            InvalidRequestError: An empty prompt, bad ids, or malformed messages.
+        """
         if isinstance(prompt, Sequence) and not isinstance(prompt, str) and prompt and isinstance(prompt[0], dict):
             for message in prompt:
                 if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):

@@ -359,3 +359,49 @@ def _offsets(path: Path, item: tuple[str, Any]) -> tuple[int, int]:
 
 def _corrupt(path: Path, why: str) -> CacheCorruptionError:
     return CacheCorruptionError(f"{path}: {why}")
+
+
+@dataclass
+class FileReport:
+    """What ``blockpool inspect`` shows for one file in a cache directory."""
+
+    name: str
+    status: str  # "ok", "corrupt: <why>", "partial write", or "incompatible: <why>"
+    agent_id: str | None = None
+    tokens: int | None = None
+    size_bytes: int = 0
+    fingerprint: str | None = None
+    format_version: str | None = None
+    kv_bits: int | None = None
+
+
+def describe_cache_dir(directory: Path) -> list[FileReport]:
+    """Verify every file in a cache directory (checksums included) without changing anything."""
+    reports = []
+    for path in sorted(Path(directory).iterdir()):
+        if not path.is_file():
+            continue
+        size = path.stat().st_size
+        if path.name.endswith(TEMP_SUFFIX):
+            reports.append(FileReport(path.name, "partial write (interrupted; ignored)", size_bytes=size))
+            continue
+        try:
+            file = load_agent_file(path)
+        except (CacheCorruptionError, IncompatibleCacheError) as e:
+            kind = "corrupt" if isinstance(e, CacheCorruptionError) else "incompatible"
+            reports.append(FileReport(path.name, f"{kind}: {str(e).removeprefix(str(path) + ': ')}", size_bytes=size))
+            continue
+        _, metadata, _ = read_header(path)
+        reports.append(
+            FileReport(
+                path.name,
+                "ok",
+                file.agent_id,
+                len(file.token_ids),
+                size,
+                file.fingerprint,
+                metadata.get("format_version"),
+                file.kv_bits,
+            )
+        )
+    return reports

@@ -1,0 +1,7 @@
+"""``python -m blockpool``: the same as the ``blockpool`` command."""
+
+import sys
+
+from blockpool.cli import main
+
+sys.exit(main())

@@ -1,0 +1,172 @@
+"""``blockpool demo``: several agents, several turns, caches that persist.
+
+Each agent talks over several turns, interleaved with the others, with a
+shared system prompt and a growing history, through ``AgentMemory``. Every
+turn reports where the agent's cache came from (pool, disk, shared or
+cold), the time to first token, the decode speed and the pool's occupancy.
+Unless ``--no-cold`` is given, every turn's prompt is also prefilled cold
+with mlx-lm (no cache), so the two can be compared at each context length.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from blockpool.demo_model import corpus
+
+ROLES = ["planner", "coder", "reviewer", "tester", "writer", "critic", "scout", "archivist"]
+
+
+@dataclass
+class TurnRecord:
+    turn: int
+    agent: str
+    context_tokens: int
+    cache: str
+    reused_tokens: int
+    ttft_ms: float
+    tokens_per_s: float
+    pool_used_blocks: int
+    pool_total_blocks: int
+    cold_ttft_ms: float | None = None
+
+
+def agent_names(n: int) -> list[str]:
+    return [ROLES[i] if i < len(ROLES) else f"agent-{i}" for i in range(n)]
+
+
+def run_demo(
+    model: Any,
+    tokenizer: Any,
+    *,
+    agents: int,
+    turns: int,
+    max_tokens: int,
+    budget_bytes: int | None,
+    cache_dir: Path,
+    out_dir: Path,
+    compare_cold: bool,
+    echo=print,
+    progress=None,
+) -> list[TurnRecord]:
+    """Run the scenario and write ``results.json``, ``summary.md`` and ``ttft.png`` to ``out_dir``."""
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from blockpool import AgentMemory, BlockPool, BlockPoolBatchEngine, ModelCacheSpec
+
+    spec = ModelCacheSpec.from_model(model)
+    text = corpus(400)
+    system = "You are one agent of a team. Shared notes: " + " ".join(text[:40])
+    if budget_bytes is None:  # room for about one and a half agents: the others wait on disk
+        final = len(tokenizer.encode(system)) + turns * (80 + max_tokens)
+        budget_bytes = spec.bytes_for_tokens(final) * 3 // 2
+    pool = BlockPool(spec, memory_bytes=budget_bytes)
+    memory = AgentMemory(BlockPoolBatchEngine(model, tokenizer, pool), cache_dir=cache_dir)
+    names = agent_names(agents)
+    conversations = {name: [{"role": "system", "content": system}] for name in names}
+    records: list[TurnRecord] = []
+    echo(f"pool: {pool.total_blocks} blocks of {spec.block_tokens} tokens ({pool.total_bytes / 2**20:.1f} MiB), agents on disk in {cache_dir}")
+    echo(f"{'turn':>4} {'agent':<10} {'context':>7} {'cache':<7} {'reused':>6} {'TTFT ms':>8} {'cold ms':>8} {'tok/s':>7} {'pool':>9}")
+    line = 40
+    for turn in range(turns):
+        for name in names:
+            user = " ".join(text[line : line + 2])
+            line = (line + 2) % (len(text) - 2)
+            conversations[name].append({"role": "user", "content": f"Turn {turn + 1}: {user}"})
+            tokens = memory.tokenize(conversations[name])
+            start = time.perf_counter()
+            uid = memory.submit(name, tokens, max_tokens=max_tokens)
+            first = None
+            for event in memory.stream():
+                if event.uid == uid and event.token is not None and first is None:
+                    first = time.perf_counter()
+                if event.completion is not None and event.uid == uid:
+                    done = event.completion
+            cold_ms = None
+            if compare_cold:
+                cold_start = time.perf_counter()
+                for _ in stream_generate(model, tokenizer, tokens, max_tokens=1, prompt_cache=make_prompt_cache(model)):
+                    break
+                cold_ms = (time.perf_counter() - cold_start) * 1e3
+            record = TurnRecord(
+                turn + 1,
+                name,
+                len(tokens),
+                done.cache_source or "cold",
+                done.cached_tokens,
+                (first - start) * 1e3,
+                done.generation_tps,
+                pool.used_blocks(),
+                pool.total_blocks,
+                cold_ms,
+            )
+            records.append(record)
+            conversations[name].append({"role": "assistant", "content": done.text})
+            cold = f"{cold_ms:8.1f}" if cold_ms is not None else f"{'-':>8}"
+            echo(
+                f"{record.turn:>4} {name:<10} {record.context_tokens:>7} {record.cache:<7} {record.reused_tokens:>6} "
+                f"{record.ttft_ms:8.1f} {cold} {record.tokens_per_s:7.0f} {record.pool_used_blocks:>4}/{record.pool_total_blocks:<4}"
+            )
+            if progress is not None:
+                progress()
+    memory.close()  # flushes every agent to disk and frees the pool
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(records)
+    (out_dir / "results.json").write_text(json.dumps([asdict(r) for r in records], indent=2))
+    (out_dir / "summary.md").write_text(summary + "\n")
+    plot_ttft(records, out_dir / "ttft.png")
+    echo("")
+    echo(summary)
+    echo(f"\nwrote {out_dir / 'summary.md'}, {out_dir / 'results.json'} and {out_dir / 'ttft.png'}")
+    echo(f"agents are persisted in {cache_dir}: run the demo again to resume them from disk")
+    return records
+
+
+def summarize(records: list[TurnRecord]) -> str:
+    """A markdown table: turns, context and time to first token per cache source."""
+    rows = ["| cache | turns | median context | median TTFT ms | median cold TTFT ms | speedup |", "|---|---:|---:|---:|---:|---:|"]
+    for source in ("pool", "disk", "shared", "cold"):
+        picked = [r for r in records if r.cache == source]
+        if not picked:
+            continue
+        ttft = statistics.median(r.ttft_ms for r in picked)
+        colds = [r.cold_ttft_ms for r in picked if r.cold_ttft_ms is not None]
+        cold = statistics.median(colds) if colds else None
+        speedup = f"{cold / ttft:.1f}x" if cold else "-"
+        cold_text = f"{cold:.1f}" if cold is not None else "-"
+        context = statistics.median(r.context_tokens for r in picked)
+        rows.append(f"| {source} | {len(picked)} | {context:.0f} | {ttft:.1f} | {cold_text} | {speedup} |")
+    return "\n".join(rows)
+
+
+def plot_ttft(records: list[TurnRecord], path: Path) -> None:
+    """Time to first token against context length: each cache source, and cold prefill."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"pool": "o", "disk": "s", "shared": "^", "cold": "x"}
+    for source, marker in styles.items():
+        picked = [r for r in records if r.cache == source]
+        if picked:
+            ax.scatter([r.context_tokens for r in picked], [r.ttft_ms for r in picked], marker=marker, label=f"blockpool: {source}")
+    colds = [r for r in records if r.cold_ttft_ms is not None]
+    if colds:
+        ax.scatter([r.context_tokens for r in colds], [r.cold_ttft_ms for r in colds], marker="+", color="black", label="cold prefill (mlx-lm, no cache)")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("time to first token (ms)")
+    ax.set_yscale("log")
+    ax.set_title("Time to first token: resumed agents against cold prefill")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
