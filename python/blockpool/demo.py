@@ -152,7 +152,7 @@ def plot_ttft(records: list[TurnRecord], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     styles = {"pool": "o", "disk": "s", "shared": "^", "cold": "x"}
     for source, marker in styles.items():
         picked = [r for r in records if r.cache == source]
@@ -166,7 +166,7 @@ def plot_ttft(records: list[TurnRecord], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_title("Time to first token: resumed agents against cold prefill")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -46,6 +46,22 @@ def projection_table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def paired_table(results: dict[str, Any]) -> str:
+    """Benchmarks that alternate our path and mlx-lm's in one run: both medians and the ratio."""
+    rows = ["| group | ours | median ms | p95 ms | theirs | median ms | p95 ms | ours / theirs |", "|---|---|---:|---:|---|---:|---:|---:|"]
+    for b in results["benchmarks"]:
+        info = b["extra_info"]
+        if "ratio" not in info:
+            continue
+        names = [k.removesuffix("_median_ms") for k in info if k.endswith("_median_ms")]
+        ours, theirs = names[0], names[1]
+        rows.append(
+            f"| {b['group']} | {ours} | {info[ours + '_median_ms']:.2f} | {info[ours + '_p95_ms']:.2f} | {theirs} | "
+            f"{info[theirs + '_median_ms']:.2f} | {info[theirs + '_p95_ms']:.2f} | {info['ratio']:.2f} |"
+        )
+    return "\n".join(rows)
+
+
 def workload_table(results: dict[str, Any]) -> str:
     """The side-by-side multi-agent workload: one row per contender."""
     rows = [
@@ -69,7 +85,10 @@ def write_report(json_path: Path, out_dir: Path) -> list[Path]:
     """Write ``results.md`` and the plots next to the JSON; return the paths written."""
     results = json.loads(Path(json_path).read_text())
     out_dir = Path(out_dir)
-    text = "## Timings\n\n" + timing_table(results) + "\n\n## Projected at Apple GPU bandwidths (not measured)\n\n" + projection_table(results) + "\n"
+    text = "## Timings\n\n" + timing_table(results) + "\n"
+    if any("ratio" in b["extra_info"] for b in results["benchmarks"]):
+        text += "\n## Paired runs (alternating rounds, same machine state)\n\n" + paired_table(results) + "\n"
+    text += "\n## Projected at Apple GPU bandwidths (not measured)\n\n" + projection_table(results) + "\n"
     if any("series" in b["extra_info"] for b in results["benchmarks"]):
         text += "\n## Multi-agent workload, side by side\n\n" + workload_table(results) + "\n"
     md = out_dir / "results.md"
@@ -106,7 +125,7 @@ def plot_results(results: dict[str, Any], out_dir: Path) -> list[Path]:
         written.append(path)
     workload = [b for b in results["benchmarks"] if "series" in b["extra_info"]]
     if workload:
-        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        fig, ax = plt.subplots(figsize=(9.5, 4.5))
         for b in workload:
             series = b["extra_info"]["series"]
             ax.plot([c for c, _ in series], [t for _, t in series], "o", label=b["extra_info"]["contender"], alpha=0.8)
@@ -115,7 +134,7 @@ def plot_results(results: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_yscale("log")
         ax.set_title("Multi-agent workload: time to first token by context")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
         fig.tight_layout()
         path = out_dir / "workload-ttft.png"
         fig.savefig(path, dpi=110)
