@@ -110,7 +110,7 @@ def from_mlx_caches(
     spare = {layer: list(blocks) for layer, blocks in (reserved or {}).items()}
     held_hi = -(-stored // b)
 
-    plans = []  # (layer, kept blocks, blocks to free, new blocks needed, first position to write)
+    plans = []  # (layer, first logical block, kept, to free, new blocks needed, first position written, source)
     valid_from: dict[int, int] = {}
     extra: dict[int, int] = {}
     for layer_id, cache in enumerate(caches):

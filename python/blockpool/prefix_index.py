@@ -41,9 +41,6 @@ class PrefixIndex:
         self.pool = pool
         self._entries: dict[bytes, dict[int, tuple[KVBlock, int, int]]] = {}  # key -> layer -> (block, generation, valid from)
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def register(self, agent: AgentBlocks) -> None:
         """Index the full blocks an agent holds."""
         b = agent.spec.block_tokens
