@@ -19,6 +19,7 @@ blocks, and on disk.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -71,12 +72,16 @@ class AgentMemory:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-        self.fingerprint = model_fingerprint(engine.model, self.spec)
         self._lock = threading.RLock()
         self._hot: OrderedDict[str, AgentBlocks] = OrderedDict()  # least recently used first
         self._busy: dict[int, str] = {}  # uid -> agent
         self._sources: dict[int, str] = {}  # uid -> "pool", "disk", "shared" or "cold"
         self._index = PrefixIndex(self.pool)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The model fingerprint stored in and checked against agent files (computed on first use)."""
+        return model_fingerprint(self.engine.model, self.spec)
 
     # ------------------------------------------------------------ requests
 
