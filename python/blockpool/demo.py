@@ -17,7 +17,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from blockpool.demo_model import corpus
+from blockpool.cli import load_model, positive_int, writable_dir
+from blockpool.demo_model import corpus, user_cache_dir
+
+HELP = "run a multi-agent, multi-turn scenario and show the cache at work"
 
 ROLES = ["planner", "coder", "reviewer", "tester", "writer", "critic", "scout", "archivist"]
 
@@ -170,3 +173,58 @@ def plot_ttft(records: list[TurnRecord], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------ command line
+
+
+def add_arguments(parser: Any) -> None:
+    """The ``blockpool demo`` flags."""
+    parser.add_argument("--model", help="a path or Hugging Face repo mlx_lm.load takes (default: a small random-weight demo model)")
+    parser.add_argument("--agents", "-n", type=positive_int, default=3, help="number of agents (default 3)")
+    parser.add_argument("--turns", "-t", type=positive_int, default=3, help="turns per agent (default 3)")
+    parser.add_argument("--max-tokens", type=positive_int, default=24, help="tokens generated per turn (default 24)")
+    parser.add_argument("--budget-mb", type=positive_int, help="pool size in MiB (default: about two agents, so the rest spill to disk)")
+    parser.add_argument("--cache-dir", type=Path, help="where agents persist (default: the user cache directory)")
+    parser.add_argument("--out", type=Path, default=Path("blockpool-demo"), help="where the table and plot go (default ./blockpool-demo)")
+    parser.add_argument("--no-cold", action="store_true", help="skip the cold-prefill comparison")
+
+
+def run(args: Any) -> int:
+    """``blockpool demo``: load the model, run the scenario, write the report."""
+    import sys
+
+    cache_dir = writable_dir(args.cache_dir or user_cache_dir() / "demo-agents", "cache directory")
+    out_dir = writable_dir(args.out, "output directory")
+    model, tokenizer = _load(args.model)
+    from tqdm import tqdm
+
+    with tqdm(total=args.agents * args.turns, desc="turns", unit="turn", leave=False, file=sys.stderr, disable=None) as bar:
+        run_demo(
+            model,
+            tokenizer,
+            agents=args.agents,
+            turns=args.turns,
+            max_tokens=args.max_tokens,
+            budget_bytes=args.budget_mb << 20 if args.budget_mb else None,
+            cache_dir=cache_dir,
+            out_dir=out_dir,
+            compare_cold=not args.no_cold,
+            echo=tqdm.write,
+            progress=bar.update,
+        )
+    return 0
+
+
+def _load(model_ref: str | None):
+    if model_ref is None:
+        from mlx_lm import load
+
+        from blockpool.demo_model import demo_model_dir
+
+        print("model: the default demo model (llama-like, random weights, tokenizer trained here).")
+        print("NOTE: its text is meaningless. It exists only to show the cache mechanics;")
+        print("      pass --model with a real model (e.g. an mlx-community repo on a Mac) for real text.")
+        return load(str(demo_model_dir()))
+    print(f"model: {model_ref}")
+    return load_model(model_ref)

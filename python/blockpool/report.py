@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+
+from blockpool.cli import UsageError, writable_dir
+
+HELP = "run the benchmarks and write JSON, a markdown table and plots"
 
 # Apple GPU memory bandwidths used for the projection (vendor figures, GB/s).
 APPLE_BANDWIDTH_GBPS = {"M4 (120 GB/s)": 120, "M4 Pro (273 GB/s)": 273, "M4 Max (546 GB/s)": 546}
@@ -141,3 +147,36 @@ def plot_results(results: dict[str, Any], out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+# ------------------------------------------------------------------ command line
+
+
+def add_arguments(parser: Any) -> None:
+    """The ``blockpool bench`` flags."""
+    parser.add_argument("--bench-dir", type=Path, default=Path("bench"), help="the benchmark directory of a clone (default ./bench)")
+    parser.add_argument("--results", type=Path, default=Path("bench/results"), help="results folder (default bench/results)")
+    parser.add_argument("-k", dest="select", help="only benchmarks matching this pytest -k expression")
+
+
+def run(args: Any) -> int:
+    """``blockpool bench``: run pytest-benchmark over ``--bench-dir``, then write the report."""
+    if not args.bench_dir.is_dir():
+        raise UsageError(f"benchmark directory {args.bench_dir} not found: run from a clone of mlx-blockpool, or pass --bench-dir")
+    try:
+        import pytest_benchmark  # noqa: F401
+    except ImportError:
+        raise UsageError("the benchmarks need the test extras: pip install 'mlx-blockpool[test]'") from None
+    results = writable_dir(args.results, "results folder")
+    json_path = results / "results.json"
+    command = [sys.executable, "-m", "pytest", str(args.bench_dir), "-q", "--benchmark-only", f"--benchmark-json={json_path}",
+               "--benchmark-columns=median,iqr,rounds"]
+    if args.select:
+        command += ["-k", args.select]
+    status = subprocess.call(command)
+    if not json_path.exists():
+        print("blockpool: error: the benchmarks wrote no results", file=sys.stderr)
+        return status or 1
+    written = write_report(json_path, results)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return status
