@@ -37,5 +37,12 @@ class GenerationError(BlockPoolError):
     """The model failed while a request was generating. Its blocks were returned to the pool."""
 
 
+class EngineBusyError(BlockPoolError):
+    """Another thread is already driving the engine (``step``, ``stream`` or ``tick``).
+
+    One thread runs the model; others may ``submit`` and ``cancel`` freely.
+    """
+
+
 class CacheCorruptionError(BlockPoolError):
     """A persisted cache failed verification: truncated, bit-flipped, or not a cache file."""
