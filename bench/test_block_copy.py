@@ -4,6 +4,8 @@ Each case is (blocks per layer, layers), with K and V planes of the EXP-006
 geometry. The memcpy ceiling (one numpy.copyto of the same bytes) and the
 naive method (per-layer mx.concatenate of block slices) run in the same
 session, so bench/gate.py can gate on ratios rather than on absolute times.
+The per-block cases do the same for the elastic pool's layout, one array per
+block: concat_blocks against the same ceiling and per-layer mx.concatenate.
 """
 
 from __future__ import annotations
@@ -94,3 +96,94 @@ def test_gather_naive_concat(benchmark, workload):
         _run(benchmark, workload, naive, workload.nbytes)
     finally:
         workload.rounds = saved
+
+
+# ------------------------------------------------ per-block arrays (elastic pool)
+# The elastic pool keeps each block as its own array [H, B, D] per plane, so a
+# reconstruction joins many separate arrays (concat_blocks) and a write-back
+# cuts new ones (split_blocks). Same geometry and byte counts as above.
+
+BLOCK_CASES = [(4, 24), (32, 48)]
+
+
+class BlockArrays:
+    """K and V as one separate array per block: layers x blocks of each."""
+
+    def __init__(self, blocks: int, layers: int):
+        self.blocks, self.layers = blocks, layers
+        # Each block is generated on its own, so each has its own buffer.
+        self.entries = [
+            [mx.random.normal((HEADS, BLOCK_TOKENS, HEAD_DIM), key=mx.random.key(layer * blocks + b)).astype(DTYPE)
+             for b in range(blocks)]
+            for layer in range(2 * layers)  # K entries, then V entries
+        ]  # fmt: skip
+        mx.eval(self.entries)
+        self.nbytes = sum(b.nbytes for entry in self.entries for b in entry)
+        self.rounds = 15 if self.nbytes > 2**29 else 50
+        ops.ensure_cache_limit(2 * self.nbytes)
+
+    def concat(self) -> list[mx.array]:
+        out = ops.concat_blocks(self.entries)
+        mx.eval(out)
+        return out
+
+
+@pytest.fixture(scope="module", params=BLOCK_CASES, ids=lambda c: f"{c[0]}x{c[1]}")
+def block_arrays(request):
+    w = BlockArrays(*request.param)
+    yield w
+    del w
+    mx.clear_cache()
+
+
+def _run_blocks(benchmark, w, fn, nbytes, rounds=None):
+    benchmark.group = f"per-block arrays, {w.blocks} blocks x {w.layers} layers"
+    benchmark.pedantic(fn, rounds=rounds or w.rounds, warmup_rounds=3, iterations=1)
+    record(benchmark, nbytes)
+
+
+def test_concat_native(benchmark, block_arrays):
+    _run_blocks(benchmark, block_arrays, block_arrays.concat, block_arrays.nbytes)
+
+
+def test_concat_memcpy_ceiling(benchmark, block_arrays):
+    src = np.ones(block_arrays.nbytes // ITEMSIZE, dtype=np.float16)
+    dst = np.empty_like(src)
+    _run_blocks(benchmark, block_arrays, lambda: np.copyto(dst, src), block_arrays.nbytes)
+
+
+def test_concat_copyto_per_block(benchmark, block_arrays):
+    """numpy.copyto of each separate block into its place: the ceiling for this layout.
+
+    One big copy (above) reads from one allocation backed by huge pages;
+    blocks are separate allocations of 512 KiB each, as in the elastic pool.
+    Reported, not gated.
+    """
+    blocks = [[np.ones((HEADS, BLOCK_TOKENS, HEAD_DIM), dtype=np.float16) for _ in entry] for entry in block_arrays.entries]
+    outs = [np.empty((HEADS, len(entry) * BLOCK_TOKENS, HEAD_DIM), dtype=np.float16) for entry in blocks]
+
+    def copy():
+        for entry, out in zip(blocks, outs):
+            for j, block in enumerate(entry):
+                np.copyto(out[:, j * BLOCK_TOKENS : (j + 1) * BLOCK_TOKENS], block)
+
+    _run_blocks(benchmark, block_arrays, copy, block_arrays.nbytes)
+
+
+def test_concat_naive_concatenate(benchmark, block_arrays):
+    def naive():
+        out = [mx.concatenate(entry, axis=1)[None] for entry in block_arrays.entries]
+        mx.eval(out)
+
+    _run_blocks(benchmark, block_arrays, naive, block_arrays.nbytes, rounds=min(block_arrays.rounds, 5))
+
+
+def test_split_native(benchmark, block_arrays):
+    """Write-back: every layer's cache cut into new block arrays (reported, not gated)."""
+    sources = block_arrays.concat()
+    offsets, heads = [0] * len(sources), [None] * len(sources)
+
+    def split():
+        mx.eval(ops.split_blocks(sources, offsets, heads, block_tokens=BLOCK_TOKENS))
+
+    _run_blocks(benchmark, block_arrays, split, block_arrays.nbytes)

@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "block_ops.h"
+#include "cpu/parallel.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -42,14 +43,23 @@ NB_MODULE(_ext, m) {
   // module can be imported on its own.
   nb::module_::import_("mlx.core");
 
-  // Bad ids are reported as ValueError, like every other bad input.
-  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
-    try {
-      std::rethrow_exception(p);
-    } catch (const std::out_of_range& e) {
-      PyErr_SetString(PyExc_ValueError, e.what());
-    }
-  });
+  // Bad input throws std::invalid_argument, which nanobind raises as
+  // ValueError; blockpool.ops re-raises it as InvalidRequestError.
+
+  // How the Metal kernels fared in this build (see CMakeLists.txt).
+#ifdef BLOCKPOOL_METAL
+  m.attr("metal_kernels_built") = true;
+#else
+  m.attr("metal_kernels_built") = false;
+#endif
+#ifdef BLOCKPOOL_METAL_STATUS
+  m.attr("metal_build_status") = BLOCKPOOL_METAL_STATUS;
+#else
+  m.attr("metal_build_status") = "unknown";
+#endif
+  m.def("num_copy_threads", &blockpool::cpu::num_copy_threads,
+        "Threads the CPU kernels use (BLOCKPOOL_NUM_THREADS, else the "
+        "hardware threads, at most 8).");
 
   m.def(
       "gather_blocks",
@@ -63,21 +73,10 @@ NB_MODULE(_ext, m) {
               "block_ids: collections.abc.Sequence[collections.abc.Sequence[int] | mlx.core.array], "
               "*, stream: mlx.core.Stream | mlx.core.Device | None = None) "
               "-> list[mlx.core.array]"),
-      R"doc(Gather blocks of each pool into contiguous KV arrays.
+      R"doc(The native gather_blocks: validates, then builds the graph node.
 
-Args:
-    pools: Arrays of shape ``[num_blocks, H, B, D]``, any dtype. The same
-        array may appear in several entries.
-    block_ids: For each pool, the block indices to read, in order.
-    stream: Stream or device to run on.
-
-Returns:
-    For each entry, an array ``[1, H, len(block_ids[i]) * B, D]`` holding
-    block ``block_ids[i][j]`` at tokens ``j*B:(j+1)*B``.
-
-Raises:
-    ValueError: Ids out of range, a pool not of rank 4, or list lengths
-        that differ.)doc");
+Use blockpool.ops.gather_blocks, which documents the arguments, results and
+errors, and picks the backend for the device.)doc");
 
   m.def(
       "gather_dequantize_blocks",
@@ -100,28 +99,10 @@ Raises:
               "*, group_size: int = 64, bits: int = 4, "
               "stream: mlx.core.Stream | mlx.core.Device | None = None) "
               "-> list[mlx.core.array]"),
-      R"doc(Gather blocks of affine-quantized pools and dequantize them, in one pass.
+      R"doc(The native gather_dequantize_blocks: validates, then builds the graph node.
 
-The pools use ``mx.quantize``'s layout along the head dim: ``packed``
-``[num_blocks, H, B, D * bits / 32]`` (uint32), ``scales`` and ``biases``
-``[num_blocks, H, B, D / group_size]``. The result equals
-``mx.dequantize`` of the gathered planes, bit for bit.
-
-Args:
-    packed: Packed pools, one per entry (the same pool may repeat).
-    scales: The matching scales pools.
-    biases: The matching biases pools.
-    block_ids: For each entry, the block indices to read, in order.
-    group_size: 32, 64 or 128, as given to ``mx.quantize``.
-    bits: 2, 4 or 8, as given to ``mx.quantize``.
-    stream: Stream or device to run on.
-
-Returns:
-    For each entry, ``[1, H, len(block_ids[i]) * B, D]`` in the scales' dtype.
-
-Raises:
-    ValueError: Ids out of range, shapes or dtypes that do not match, bits or
-        group_size not supported, or list lengths that differ.)doc");
+Use blockpool.ops.gather_dequantize_blocks, which documents the arguments, results and
+errors, and picks the backend for the device.)doc");
 
   m.def(
       "scatter_blocks",
@@ -142,32 +123,65 @@ Raises:
               "offsets: collections.abc.Sequence[int] | None = None, "
               "*, stream: mlx.core.Stream | mlx.core.Device | None = None) "
               "-> list[mlx.core.array]"),
-      R"doc(Write contiguous KV arrays back into blocks of each pool.
+      R"doc(The native scatter_blocks: validates, then builds the graph node.
 
-Source token ``t`` of entry ``i`` goes to position ``offsets[i] + t`` of the
-entry's blocks: block ``block_ids[i][(offsets[i] + t) // B]``. Positions of
-a block that no source token reaches keep their old contents.
+Use blockpool.ops.scatter_blocks, which documents the arguments, results and
+errors, and picks the backend for the device.)doc");
 
-Entries that pass the same pool array write into one updated copy of it, and
-each of those entries gets that same array back. When nothing else
-references a pool (no other Python name, list or graph node), its buffer is
-reused and only the written bytes are touched; otherwise the pool is copied
-first and the original array is left unchanged.
+  m.def(
+      "concat_blocks",
+      [](const std::vector<std::vector<mx::array>>& blocks,
+         mx::StreamOrDevice s) { return blockpool::concat_blocks(blocks, s); },
+      "blocks"_a, nb::kw_only(), "stream"_a = nb::none(),
+      nb::sig("def concat_blocks(blocks: collections.abc.Sequence[collections.abc.Sequence[mlx.core.array]], "
+              "*, stream: mlx.core.Stream | mlx.core.Device | None = None) "
+              "-> list[mlx.core.array]"),
+      R"doc(The native concat_blocks: validates, then builds the graph node.
 
-Args:
-    pools: Arrays of shape ``[num_blocks, H, B, D]``.
-    block_ids: For each pool, the block indices to write. No id may repeat
-        within one pool in one call.
-    sources: Arrays ``[1, H, T, D]`` of the pool's dtype.
-    offsets: Position of source token 0 inside the first block, in
-        ``[0, B)``; zero for every entry when omitted.
-    stream: Stream or device to run on.
+Use blockpool.ops.concat_blocks, which documents the arguments, results and
+errors, and picks the backend for the device.)doc");
 
-Returns:
-    The updated pool for each entry.
+  m.def(
+      "concat_dequantize_blocks",
+      [](const std::vector<std::vector<mx::array>>& packed,
+         const std::vector<std::vector<mx::array>>& scales,
+         const std::vector<std::vector<mx::array>>& biases, int group_size,
+         int bits, mx::StreamOrDevice s) {
+        return blockpool::concat_dequantize_blocks(packed, scales, biases,
+                                                   group_size, bits, s);
+      },
+      "packed"_a, "scales"_a, "biases"_a, nb::kw_only(), "group_size"_a = 64,
+      "bits"_a = 4, "stream"_a = nb::none(),
+      nb::sig("def concat_dequantize_blocks(packed: collections.abc.Sequence[collections.abc.Sequence[mlx.core.array]], "
+              "scales: collections.abc.Sequence[collections.abc.Sequence[mlx.core.array]], "
+              "biases: collections.abc.Sequence[collections.abc.Sequence[mlx.core.array]], "
+              "*, group_size: int = 64, bits: int = 4, "
+              "stream: mlx.core.Stream | mlx.core.Device | None = None) "
+              "-> list[mlx.core.array]"),
+      R"doc(The native concat_dequantize_blocks: validates, then builds the graph node.
 
-Raises:
-    ValueError: Ids out of range or repeated, shape, dtype or rank
-        mismatch, more tokens than the blocks hold, or list lengths that
-        differ.)doc");
+Use blockpool.ops.concat_dequantize_blocks, which documents the arguments, results and
+errors, and picks the backend for the device.)doc");
+
+  m.def(
+      "split_blocks",
+      [](const std::vector<mx::array>& sources,
+         const std::vector<int64_t>& offsets,
+         const std::vector<std::optional<mx::array>>& heads,
+         int64_t block_tokens, mx::StreamOrDevice s) {
+        return blockpool::split_blocks(sources, offsets, heads, block_tokens,
+                                       s);
+      },
+      "sources"_a, "offsets"_a, "heads"_a, nb::kw_only(),
+      "block_tokens"_a = 256, "stream"_a = nb::none(),
+      nb::sig("def split_blocks(sources: collections.abc.Sequence[mlx.core.array], "
+              "offsets: collections.abc.Sequence[int], "
+              "heads: collections.abc.Sequence[mlx.core.array | None], "
+              "*, block_tokens: int = 256, "
+              "stream: mlx.core.Stream | mlx.core.Device | None = None) "
+              "-> list[list[mlx.core.array]]"),
+      R"doc(The native split_blocks: validates, then builds the graph node.
+
+Use blockpool.ops.split_blocks, which documents the arguments, results and
+errors, and picks the backend for the device.)doc");
 }

@@ -1,36 +1,26 @@
-// CPU evaluation of GatherDequantizeBlocks.
+// CPU evaluation of GatherDequantizeBlocks and ConcatDequantizeBlocks.
 //
 // Each element is computed as mx.dequantize computes it on the CPU: the
 // unpacked integer is converted to the scales' type, multiplied by the scale
 // (rounded to that type), then the bias is added (rounded again), using
 // MLX's own half-precision types. The file is built with -ffp-contract=off
-// so no compiler fuses the two steps into one rounding.
-#include <sstream>
-#include <stdexcept>
+// so no compiler fuses the two steps into one rounding. Every entry uses
+// its own output dtype (its scales' dtype), so one call may mix them.
 #include <type_traits>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
-#include "block_ops.h"
+#include "block_index.h"
+#include "cpu/execute.h"
 #include "cpu/parallel.h"
-#include "mlx/allocator.h"
-#include "mlx/backend/cpu/encoder.h"
 
 namespace blockpool {
 
 namespace {
 
-struct Plane {
-  const char* data;
-  mx::Shape shape;
-  mx::Strides strides;
-};
-
-Plane plane_of(const mx::array& a) {
-  return {a.data<char>(), a.shape(), a.strides()};
-}
+namespace bi = blockpool_index;
 
 // MLX's own conversions: T(float) rounds to nearest even, float(T) is exact.
 template <typename T>
@@ -46,22 +36,23 @@ inline T dequantize_one(uint32_t q, float scale, float bias) {
   return static_cast<T>(to_float(scaled) + bias);
 }
 
-// A row of `dim` outputs; packed words and groups may be strided.
-template <typename T>
-void dequantize_row(const uint32_t* packed, int64_t packed_stride,
-                    const T* scales, const T* biases, int64_t group_stride,
-                    int dim, int group_size, int bits, T* out) {
-  const uint32_t mask = (1u << bits) - 1;
-  const int per_word = 32 / bits;
-  const int words_per_group = group_size / per_word;
-  for (int g = 0; g < dim / group_size; ++g) {
-    float scale = to_float(scales[g * group_stride]);
-    float bias = to_float(biases[g * group_stride]);
-    for (int w = 0; w < words_per_group; ++w) {
-      uint32_t word = packed[(g * words_per_group + w) * packed_stride];
-      T* o = out + (g * words_per_group + w) * per_word;
+// A row of `dim` outputs; packed words, scales and biases may each be
+// strided. A word never spans two groups: group_size is a multiple of the
+// values per word.
+template <typename T, int bits>
+void dequantize_row(const uint32_t* packed, int64_t word_stride,
+                    const T* scales, int64_t scale_stride, const T* biases,
+                    int64_t bias_stride, int64_t dim, int group_size, T* out) {
+  constexpr int per_word = 32 / bits;
+  for (int64_t g = 0; g < dim / group_size; ++g) {
+    float scale = to_float(scales[g * scale_stride]);
+    float bias = to_float(biases[g * bias_stride]);
+    for (int64_t first = g * group_size; first < (g + 1) * group_size;
+         first += per_word) {
+      uint32_t word = packed[bi::packed_word(first, bits) * word_stride];
       for (int k = 0; k < per_word; ++k) {
-        o[k] = dequantize_one<T>((word >> (k * bits)) & mask, scale, bias);
+        out[first + k] = dequantize_one<T>(bi::unpack(word, first + k, bits),
+                                           scale, bias);
       }
     }
   }
@@ -133,9 +124,9 @@ __attribute__((target("avx2,f16c"))) void dequantize_row_avx2(
     for (int e = g * group_size; e < (g + 1) * group_size; e += 8) {
       __m256i q;
       if (bits == 8) {  // 8 bytes: two words
-        q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + e / 4)));
+        q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + bi::packed_word(e, 8))));
       } else {  // 8 nibbles: one word
-        q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(packed[e / 8]), shifts4), mask4);
+        q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(packed[bi::packed_word(e, 4)]), shifts4), mask4);
       }
       __m256 scaled = widen<kind>(round_to<kind>(_mm256_mul_ps(_mm256_cvtepi32_ps(q), scale)));
       __m256i result = round_to<kind>(_mm256_add_ps(scaled, bias));
@@ -155,123 +146,123 @@ bool has_avx2() {
 }
 #endif
 
+// One head of one segment: `rows` rows of `dim` values.
 template <typename T>
-void run(const std::vector<BlockEntry>& entries, const int32_t* ids,
-         const std::vector<Plane>& packed, const std::vector<Plane>& scales,
-         const std::vector<Plane>& biases, const std::vector<char*>& outs,
-         int group_size, int bits) {
-  // One work item per (entry, head, block): B rows of D outputs.
+void dequantize_head(const DequantSegment& s, int64_t h,
+                     const std::vector<char*>& base, int group_size,
+                     int bits) {
+  auto packed = reinterpret_cast<const uint32_t*>(base[s.packed]);
+  auto scales = reinterpret_cast<const T*>(base[s.scales]);
+  auto biases = reinterpret_cast<const T*>(base[s.biases]);
+  auto out = reinterpret_cast<T*>(base[s.out]);
+#ifdef BLOCKPOOL_AVX2
+  const bool fast = has_avx2() && (bits == 4 || bits == 8) &&
+                    s.packed_word_stride == 1 && s.scales_group_stride == 1 &&
+                    s.biases_group_stride == 1;
+#endif
+  for (int64_t r = 0; r < s.rows; ++r) {
+    const uint32_t* q = packed + bi::dequant_word_index(s, h, r, 0);
+    const T* sc = scales + bi::dequant_scale_index(s, h, r, 0);
+    const T* bs = biases + bi::dequant_bias_index(s, h, r, 0);
+    T* o = out + bi::dequant_out_index(s, h, r, 0);
+#ifdef BLOCKPOOL_AVX2
+    if (fast) {
+      constexpr Out kind = std::is_same_v<T, float>          ? Out::F32
+                           : std::is_same_v<T, mx::float16_t> ? Out::F16
+                                                              : Out::BF16;
+      dequantize_row_avx2<kind>(q, sc, bs, static_cast<int>(s.dim), group_size,
+                                bits, o);
+      continue;
+    }
+#endif
+    switch (bits) {
+      case 2:
+        dequantize_row<T, 2>(q, s.packed_word_stride, sc, s.scales_group_stride,
+                             bs, s.biases_group_stride, s.dim, group_size, o);
+        break;
+      case 4:
+        dequantize_row<T, 4>(q, s.packed_word_stride, sc, s.scales_group_stride,
+                             bs, s.biases_group_stride, s.dim, group_size, o);
+        break;
+      default:
+        dequantize_row<T, 8>(q, s.packed_word_stride, sc, s.scales_group_stride,
+                             bs, s.biases_group_stride, s.dim, group_size, o);
+        break;
+    }
+  }
+}
+
+}  // namespace
+
+namespace cpu {
+
+void run_dequant_plan(const std::vector<DequantSegment>& segments,
+                      const std::vector<char*>& base,
+                      const std::vector<Layout>& slots, int group_size,
+                      int bits) {
+  // One work item per (segment, head).
   struct Item {
-    size_t entry;
+    size_t segment;
     int64_t head;
-    int64_t block;
   };
   std::vector<Item> items;
-  for (size_t i = 0; i < entries.size(); ++i) {
-    for (int64_t h = 0; h < packed[entries[i].pool].shape[1]; ++h) {
-      for (int64_t j = 0; j < entries[i].num_ids; ++j) {
-        items.push_back({i, h, j});
-      }
+  for (size_t i = 0; i < segments.size(); ++i) {
+    for (int64_t h = 0; h < segments[i].heads; ++h) {
+      items.push_back({i, h});
     }
   }
   if (items.empty()) {
     return;
   }
-#ifdef BLOCKPOOL_AVX2
-  const bool fast = has_avx2() && (bits == 4 || bits == 8);
-#endif
-  const auto& first = packed[entries[items[0].entry].pool];
-  int64_t bytes_per_item = first.shape[2] * first.shape[3] * 32 / bits * sizeof(T);
-  cpu::parallel_for(
+  const auto& first = segments[items[0].segment];
+  int64_t bytes_per_item =
+      first.rows * first.dim * slots[first.out].itemsize;
+  parallel_for(
       static_cast<int64_t>(items.size()), bytes_per_item,
       [&](int64_t begin, int64_t end) {
         for (int64_t n = begin; n < end; ++n) {
-          const auto& it = items[n];
-          const auto& e = entries[it.entry];
-          const auto& q = packed[e.pool];
-          const auto& s = scales[e.pool];
-          const auto& b = biases[e.pool];
-          int64_t block = q.shape[2];
-          int dim = static_cast<int>(q.shape[3] * 32 / bits);
-          int64_t id = ids[e.ids_start + it.block];
-          T* out = reinterpret_cast<T*>(outs[it.entry]) +
-                   ((it.head * e.num_ids + it.block) * block) * dim;
-          for (int64_t r = 0; r < block; ++r) {
-            auto q_row = reinterpret_cast<const uint32_t*>(q.data) +
-                         id * q.strides[0] + it.head * q.strides[1] + r * q.strides[2];
-            auto s_row = reinterpret_cast<const T*>(s.data) +
-                         id * s.strides[0] + it.head * s.strides[1] + r * s.strides[2];
-            auto b_row = reinterpret_cast<const T*>(b.data) +
-                         id * b.strides[0] + it.head * b.strides[1] + r * b.strides[2];
-#ifdef BLOCKPOOL_AVX2
-            if (fast && q.strides[3] == 1 && s.strides[3] == 1) {
-              constexpr Out kind = std::is_same_v<T, float>          ? Out::F32
-                                   : std::is_same_v<T, mx::float16_t> ? Out::F16
-                                                                      : Out::BF16;
-              dequantize_row_avx2<kind>(q_row, s_row, b_row, dim, group_size, bits, out + r * dim);
-              continue;
-            }
-#endif
-            dequantize_row<T>(q_row, q.strides[3], s_row, b_row, s.strides[3],
-                              dim, group_size, bits, out + r * dim);
+          const auto& s = segments[items[n].segment];
+          auto dtype = slots[s.out].dtype;
+          if (dtype == mx::float16) {
+            dequantize_head<mx::float16_t>(s, items[n].head, base, group_size, bits);
+          } else if (dtype == mx::bfloat16) {
+            dequantize_head<mx::bfloat16_t>(s, items[n].head, base, group_size, bits);
+          } else {
+            dequantize_head<float>(s, items[n].head, base, group_size, bits);
           }
         }
       });
 }
 
-}  // namespace
+}  // namespace cpu
 
 void GatherDequantizeBlocks::eval_cpu(const std::vector<mx::array>& inputs,
                                       std::vector<mx::array>& outputs) {
-  int n = (static_cast<int>(inputs.size()) - 1) / 3;
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  std::vector<Plane> packed, scales, biases;
-  std::vector<int64_t> num_blocks;
-  for (int p = 0; p < n; ++p) {
-    for (int k = 0; k < 3; ++k) {
-      encoder.set_input_array(inputs[k * n + p]);
-    }
-    if (inputs[n + p].strides(3) != inputs[2 * n + p].strides(3)) {
-      throw std::invalid_argument(
-          "gather_dequantize_blocks: scales and biases must have the same layout.");
-    }
-    packed.push_back(plane_of(inputs[p]));
-    scales.push_back(plane_of(inputs[n + p]));
-    biases.push_back(plane_of(inputs[2 * n + p]));
-    num_blocks.push_back(inputs[p].shape(0));
-  }
-  const auto& ids = inputs[3 * n];
-  encoder.set_input_array(ids);
-  std::vector<char*> outs;
-  for (auto& out : outputs) {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    encoder.set_output_array(out);
-    outs.push_back(out.data<char>());
-  }
-  auto dtype = outputs.empty() ? mx::float32 : outputs[0].dtype();
-  encoder.dispatch([ids = ids.data<int32_t>(), entries = entries_,
-                    packed = std::move(packed), scales = std::move(scales),
-                    biases = std::move(biases), outs = std::move(outs),
-                    num_blocks = std::move(num_blocks), dtype,
+  auto& encoder = cpu::encode_io(stream(), inputs, outputs);
+  encoder.dispatch(
+      [slots = layouts_of(inputs, outputs),
+       base = cpu::base_pointers(inputs, outputs),
+       traced = cpu::traced_ids(entries_, inputs, "gather_dequantize_blocks"),
+       num_inputs = static_cast<int>(inputs.size()), entries = entries_,
+       host = host_ids_, group_size = group_size_, bits = bits_]() {
+        auto ids = id_spans(entries, host, traced);
+        cpu::run_dequant_plan(
+            plan_gather_dequantize(slots, num_inputs, entries, ids, group_size, bits),
+            base, slots, group_size, bits);
+      });
+}
+
+void ConcatDequantizeBlocks::eval_cpu(const std::vector<mx::array>& inputs,
+                                      std::vector<mx::array>& outputs) {
+  auto& encoder = cpu::encode_io(stream(), inputs, outputs);
+  encoder.dispatch([slots = layouts_of(inputs, outputs),
+                    base = cpu::base_pointers(inputs, outputs),
+                    num_inputs = static_cast<int>(inputs.size()),
+                    entries = entries_, block_inputs = block_inputs_,
                     group_size = group_size_, bits = bits_]() {
-    for (const auto& e : entries) {
-      for (int64_t k = 0; k < e.num_ids; ++k) {
-        int64_t id = ids[e.ids_start + k];
-        if (id < 0 || id >= num_blocks[e.pool]) {
-          std::ostringstream os;
-          os << "gather_dequantize_blocks: block id " << id
-             << " is out of range for a pool of " << num_blocks[e.pool] << " blocks.";
-          throw std::out_of_range(os.str());
-        }
-      }
-    }
-    if (dtype == mx::float16) {
-      run<mx::float16_t>(entries, ids, packed, scales, biases, outs, group_size, bits);
-    } else if (dtype == mx::bfloat16) {
-      run<mx::bfloat16_t>(entries, ids, packed, scales, biases, outs, group_size, bits);
-    } else {
-      run<float>(entries, ids, packed, scales, biases, outs, group_size, bits);
-    }
+    cpu::run_dequant_plan(
+        plan_concat_dequantize(slots, num_inputs, entries, block_inputs, group_size, bits),
+        base, slots, group_size, bits);
   });
 }
 

@@ -30,7 +30,28 @@ void copy_elements(const Tile& t, int64_t r0, int64_t r1) {
   }
 }
 
+void zero_rows(const Tile& t, int64_t r0, int64_t r1) {
+  const int64_t row_bytes = t.row_elems * t.itemsize;
+  if (t.dst_elem_stride == t.itemsize && t.dst_row_stride == row_bytes) {
+    std::memset(t.dst + r0 * row_bytes, 0, (r1 - r0) * row_bytes);
+    return;
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    char* d = t.dst + r * t.dst_row_stride;
+    if (t.dst_elem_stride == t.itemsize) {
+      std::memset(d, 0, row_bytes);
+      continue;
+    }
+    for (int64_t e = 0; e < t.row_elems; ++e) {
+      std::memset(d + e * t.dst_elem_stride, 0, t.itemsize);
+    }
+  }
+}
+
 void copy_rows(const Tile& t, int64_t r0, int64_t r1) {
+  if (t.src == nullptr) {
+    return zero_rows(t, r0, r1);
+  }
   const int64_t row_bytes = t.row_elems * t.itemsize;
   bool dense_rows = t.src_elem_stride == t.itemsize &&
                     t.dst_elem_stride == t.itemsize;

@@ -10,7 +10,7 @@ namespace blockpool::cpu {
 // `rows` rows of `row_bytes` bytes each. Elements inside a row are
 // `itemsize` bytes apart in memory when the element strides equal itemsize
 // (the fast case, one memcpy per row or per tile); otherwise each element is
-// copied on its own.
+// copied on its own. A null `src` writes zeros.
 struct Tile {
   const char* src;
   char* dst;

@@ -1,163 +1,181 @@
-// Metal kernels for GatherBlocks and ScatterBlocks.
-// NOT BUILT OR RUN IN THIS PROJECT'S CI: Linux cannot compile Metal. Built
-// only when MLX itself was built with Metal (MLX_BUILD_METAL, macOS).
+// Metal kernels for every block op: they walk the plans built on the host
+// (csrc/plans.cpp) with the index formulas the CPU kernels also use
+// (csrc/block_index.h, which compiles as C++ and as Metal Shading Language).
 //
-// Elements are moved as unsigned words of the dtype's size, so one kernel per
-// size covers every dtype (float16, bfloat16, float32, uint32, ...).
+// NOT BUILT OR RUN IN THIS PROJECT'S CI: Linux cannot compile Metal. Built
+// only where the configure-time check in CMakeLists.txt compiled it (macOS
+// with an mlx built with Metal). blockpool.ops checks each op against the
+// pure-MLX reference on its first GPU use and falls back if it differs.
+// The buffer macros are written out in full: 29 arrays per dispatch (see
+// csrc/metal/dispatch.h).
 #include <metal_stdlib>
 
+#include "block_index.h"
 #include "mlx/backend/metal/kernels/bf16.h"
 
 using namespace metal;
+using namespace blockpool_index;
 
-// grid: (D * B, num_ids, H). Reads block ids[j] of the pool into
-// out[0, h, j*B:(j+1)*B, :]. An id out of range writes zeros, never reads
-// outside the pool (the host checks ids before this runs where it can).
-template <typename T>
-[[kernel]] void gather_blocks(
-    device const T* pool [[buffer(0)]],
-    device const int* ids [[buffer(1)]],
-    device T* out [[buffer(2)]],
-    constant const int64_t* pool_strides [[buffer(3)]],
-    constant const int& ids_start [[buffer(4)]],
-    constant const int& num_ids [[buffer(5)]],
-    constant const int& num_blocks [[buffer(6)]],
-    constant const int& block_tokens [[buffer(7)]],
-    constant const int& dim [[buffer(8)]],
+// The arrays of a dispatch: buffer 2 + k holds array k.
+#define BLOCKPOOL_BUFFERS \
+    device uchar* b0 [[buffer(2)]], \
+    device uchar* b1 [[buffer(3)]], \
+    device uchar* b2 [[buffer(4)]], \
+    device uchar* b3 [[buffer(5)]], \
+    device uchar* b4 [[buffer(6)]], \
+    device uchar* b5 [[buffer(7)]], \
+    device uchar* b6 [[buffer(8)]], \
+    device uchar* b7 [[buffer(9)]], \
+    device uchar* b8 [[buffer(10)]], \
+    device uchar* b9 [[buffer(11)]], \
+    device uchar* b10 [[buffer(12)]], \
+    device uchar* b11 [[buffer(13)]], \
+    device uchar* b12 [[buffer(14)]], \
+    device uchar* b13 [[buffer(15)]], \
+    device uchar* b14 [[buffer(16)]], \
+    device uchar* b15 [[buffer(17)]], \
+    device uchar* b16 [[buffer(18)]], \
+    device uchar* b17 [[buffer(19)]], \
+    device uchar* b18 [[buffer(20)]], \
+    device uchar* b19 [[buffer(21)]], \
+    device uchar* b20 [[buffer(22)]], \
+    device uchar* b21 [[buffer(23)]], \
+    device uchar* b22 [[buffer(24)]], \
+    device uchar* b23 [[buffer(25)]], \
+    device uchar* b24 [[buffer(26)]], \
+    device uchar* b25 [[buffer(27)]], \
+    device uchar* b26 [[buffer(28)]], \
+    device uchar* b27 [[buffer(29)]], \
+    device uchar* b28 [[buffer(30)]]
+
+#define BLOCKPOOL_BUFFER_TYPES \
+  device uchar*, device uchar*, device uchar*, device uchar*, device uchar*, \
+  device uchar*, device uchar*, device uchar*, device uchar*, device uchar*, \
+  device uchar*, device uchar*, device uchar*, device uchar*, device uchar*, \
+  device uchar*, device uchar*, device uchar*, device uchar*, device uchar*, \
+  device uchar*, device uchar*, device uchar*, device uchar*, device uchar*, \
+  device uchar*, device uchar*, device uchar*, device uchar*
+
+// A kernel cannot index its buffer arguments, so BOUND picks one by value.
+#define BOUND(k) ( \
+  (k) == 0 ? b0 : \
+  (k) == 1 ? b1 : \
+  (k) == 2 ? b2 : \
+  (k) == 3 ? b3 : \
+  (k) == 4 ? b4 : \
+  (k) == 5 ? b5 : \
+  (k) == 6 ? b6 : \
+  (k) == 7 ? b7 : \
+  (k) == 8 ? b8 : \
+  (k) == 9 ? b9 : \
+  (k) == 10 ? b10 : \
+  (k) == 11 ? b11 : \
+  (k) == 12 ? b12 : \
+  (k) == 13 ? b13 : \
+  (k) == 14 ? b14 : \
+  (k) == 15 ? b15 : \
+  (k) == 16 ? b16 : \
+  (k) == 17 ? b17 : \
+  (k) == 18 ? b18 : \
+  (k) == 19 ? b19 : \
+  (k) == 20 ? b20 : \
+  (k) == 21 ? b21 : \
+  (k) == 22 ? b22 : \
+  (k) == 23 ? b23 : \
+  (k) == 24 ? b24 : \
+  (k) == 25 ? b25 : \
+  (k) == 26 ? b26 : \
+  (k) == 27 ? b27 : \
+  b28)
+
+// grid: (units per row, heads * rows, segments). Each thread moves one unit
+// U (1 to 16 bytes: the host picks the widest that every offset and stride
+// of the segment allows) from a segment's source to its destination, or
+// writes zeros where the segment has no source.
+template <typename U>
+[[kernel]] void copy_segments(
+    device const CopySegment* segments [[buffer(0)]],
+    constant const int& count [[buffer(1)]],
+    BLOCKPOOL_BUFFERS,
     uint3 gid [[thread_position_in_grid]]) {
-  int row = gid.x / dim;
-  int e = gid.x % dim;
-  int j = gid.y;
-  int h = gid.z;
-  int64_t o = ((int64_t(h) * num_ids + j) * block_tokens + row) * dim + e;
-  int id = ids[ids_start + j];
-  if (id < 0 || id >= num_blocks) {
-    out[o] = T(0);
+  if (int(gid.z) >= count) {
     return;
   }
-  out[o] = pool[id * pool_strides[0] + h * pool_strides[1] +
-                row * pool_strides[2] + e * pool_strides[3]];
-}
-
-// grid: (pool size). Copies a possibly strided pool into a contiguous one.
-template <typename T>
-[[kernel]] void copy_pool(
-    device const T* in [[buffer(0)]],
-    device T* out [[buffer(1)]],
-    constant const int* shape [[buffer(2)]],
-    constant const int64_t* strides [[buffer(3)]],
-    uint index [[thread_position_in_grid]]) {
-  int64_t rest = index;
-  int64_t loc = 0;
-  for (int d = 3; d >= 0; --d) {
-    loc += (rest % shape[d]) * strides[d];
-    rest /= shape[d];
-  }
-  out[index] = in[loc];
-}
-
-// grid: (D, T, H). Writes source token t to position first_token + t of the
-// entry's blocks in the contiguous output pool. An id out of range is
-// skipped: nothing is written outside the pool.
-template <typename T>
-[[kernel]] void scatter_blocks(
-    device const T* src [[buffer(0)]],
-    device const int* ids [[buffer(1)]],
-    device T* pool [[buffer(2)]],
-    constant const int64_t* src_strides [[buffer(3)]],
-    constant const int& ids_start [[buffer(4)]],
-    constant const int& first_token [[buffer(5)]],
-    constant const int& num_blocks [[buffer(6)]],
-    constant const int& heads [[buffer(7)]],
-    constant const int& block_tokens [[buffer(8)]],
-    constant const int& dim [[buffer(9)]],
-    uint3 gid [[thread_position_in_grid]]) {
-  int e = gid.x;
-  int t = gid.y;
-  int h = gid.z;
-  int pos = first_token + t;
-  int id = ids[ids_start + pos / block_tokens];
-  if (id < 0 || id >= num_blocks) {
+  CopySegment s = segments[gid.z];
+  int64_t item = gid.x;
+  int64_t head_row = gid.y;
+  if (item >= s.items || head_row >= s.heads * s.rows) {
     return;
   }
-  int64_t o = ((int64_t(id) * heads + h) * block_tokens + pos % block_tokens) *
-          dim + e;
-  pool[o] = src[h * src_strides[1] + t * src_strides[2] + e * src_strides[3]];
-}
-
-#define instantiate(name, type)                                      \
-  template [[host_name("gather_blocks_" #name)]] [[kernel]] void     \
-  gather_blocks<type>(device const type*, device const int*,         \
-                      device type*, constant const int64_t*,         \
-                      constant const int&, constant const int&,      \
-                      constant const int&, constant const int&,      \
-                      constant const int&, uint3);                   \
-  template [[host_name("copy_pool_" #name)]] [[kernel]] void         \
-  copy_pool<type>(device const type*, device type*,                  \
-                  constant const int*, constant const int64_t*, uint); \
-  template [[host_name("scatter_blocks_" #name)]] [[kernel]] void    \
-  scatter_blocks<type>(device const type*, device const int*,        \
-                       device type*, constant const int64_t*,        \
-                       constant const int&, constant const int&,     \
-                       constant const int&, constant const int&,     \
-                       constant const int&, constant const int&, uint3);
-
-instantiate(1, uint8_t)
-instantiate(2, uint16_t)
-instantiate(4, uint32_t)
-instantiate(8, uint64_t)
-
-// grid: (B * D, num_ids, H). Gathers and dequantizes one element: the
-// integer is converted to T, multiplied by the scale, then the bias added.
-// Whether this rounds exactly as MLX's own GPU dequantize does has not been
-// checked: nothing here has run on a Mac.
-template <typename T>
-[[kernel]] void gather_dequantize(
-    device const uint32_t* packed [[buffer(0)]],
-    device const T* scales [[buffer(1)]],
-    device const T* biases [[buffer(2)]],
-    device const int* ids [[buffer(3)]],
-    device T* out [[buffer(4)]],
-    constant const int64_t* packed_strides [[buffer(5)]],
-    constant const int64_t* scale_strides [[buffer(6)]],
-    constant const int& ids_start [[buffer(7)]],
-    constant const int& num_ids [[buffer(8)]],
-    constant const int& num_blocks [[buffer(9)]],
-    constant const int& block_tokens [[buffer(10)]],
-    constant const int& dim [[buffer(11)]],
-    constant const int& group_size [[buffer(12)]],
-    constant const int& bits [[buffer(13)]],
-    uint3 gid [[thread_position_in_grid]]) {
-  int row = gid.x / dim;
-  int e = gid.x % dim;
-  int j = gid.y;
-  int h = gid.z;
-  int64_t o = ((int64_t(h) * num_ids + j) * block_tokens + row) * dim + e;
-  int id = ids[ids_start + j];
-  if (id < 0 || id >= num_blocks) {
-    out[o] = T(0);
+  int64_t head = head_row / s.rows;
+  int64_t row = head_row % s.rows;
+  device U* dst = reinterpret_cast<device U*>(BOUND(s.dst)) +
+      segment_dst_index(s, head, row, item);
+  if (s.src < 0) {
+    *dst = U(0);
     return;
   }
-  int per_word = 32 / bits;
-  int64_t base = id * packed_strides[0] + h * packed_strides[1] + row * packed_strides[2];
-  uint32_t word = packed[base + (e / per_word) * packed_strides[3]];
-  uint32_t q = (word >> ((e % per_word) * bits)) & ((1u << bits) - 1u);
-  int64_t sbase = id * scale_strides[0] + h * scale_strides[1] + row * scale_strides[2] +
-      (e / group_size) * scale_strides[3];
-  T scaled = static_cast<T>(q) * scales[sbase];
-  out[o] = scaled + biases[sbase];
+  device const U* src = reinterpret_cast<device const U*>(BOUND(s.src));
+  *dst = src[segment_src_index(s, head, row, item)];
 }
 
-#define instantiate_dequantize(name, type)                                    \
-  template [[host_name("gather_dequantize_" #name)]] [[kernel]] void          \
-  gather_dequantize<type>(device const uint32_t*, device const type*,         \
-                          device const type*, device const int*, device type*, \
-                          constant const int64_t*, constant const int64_t*,   \
-                          constant const int&, constant const int&,           \
-                          constant const int&, constant const int&,           \
-                          constant const int&, constant const int&,           \
-                          constant const int&, uint3);
+#define instantiate_copy(unit, type)                                  \
+  template [[host_name("copy_segments_" #unit)]] [[kernel]] void      \
+  copy_segments<type>(device const CopySegment*, constant const int&, \
+                      BLOCKPOOL_BUFFER_TYPES, uint3);
 
-instantiate_dequantize(float32, float)
-instantiate_dequantize(float16, half)
-instantiate_dequantize(bfloat16, bfloat16_t)
+instantiate_copy(1, uchar)
+instantiate_copy(2, ushort)
+instantiate_copy(4, uint)
+instantiate_copy(8, uint2)
+instantiate_copy(16, uint4)
+
+// grid: (packed words per row, heads * rows, segments). Each thread unpacks
+// one word into 32 / bits values (16 bytes of float16 at 4 bits) and writes
+// each as MLX's affine_dequantize kernel does: scale * q + bias in T, with
+// q an 8-bit integer, compiled with the same -fno-fast-math as MLX's own
+// kernels. Whether that rounds bit-identically to MLX's GPU dequantize has
+// not been checked on a Mac; the first-use self-check compares them.
+template <typename T>
+[[kernel]] void dequant_segments(
+    device const DequantSegment* segments [[buffer(0)]],
+    constant const DequantParams& p [[buffer(1)]],
+    BLOCKPOOL_BUFFERS,
+    uint3 gid [[thread_position_in_grid]]) {
+  if (int(gid.z) >= p.count) {
+    return;
+  }
+  DequantSegment s = segments[gid.z];
+  int per_word = values_per_word(p.bits);
+  int64_t word = gid.x;
+  int64_t head_row = gid.y;
+  if (word * per_word >= s.dim || head_row >= s.heads * s.rows) {
+    return;
+  }
+  int64_t head = head_row / s.rows;
+  int64_t row = head_row % s.rows;
+  int64_t first = word * per_word;
+  int64_t group = group_of(first, p.group_size);
+  uint32_t packed = reinterpret_cast<device const uint32_t*>(BOUND(s.packed))
+      [dequant_word_index(s, head, row, word)];
+  T scale = reinterpret_cast<device const T*>(BOUND(s.scales))
+      [dequant_scale_index(s, head, row, group)];
+  T bias = reinterpret_cast<device const T*>(BOUND(s.biases))
+      [dequant_bias_index(s, head, row, group)];
+  device T* out = reinterpret_cast<device T*>(BOUND(s.out)) +
+      dequant_out_index(s, head, row, first);
+  for (int k = 0; k < per_word; ++k) {
+    uint8_t q = uint8_t(unpack(packed, first + k, p.bits));
+    out[k] = scale * q + bias;
+  }
+}
+
+#define instantiate_dequant(name, type)                             \
+  template [[host_name("dequant_segments_" #name)]] [[kernel]] void \
+  dequant_segments<type>(device const DequantSegment*,              \
+                         constant const DequantParams&,             \
+                         BLOCKPOOL_BUFFER_TYPES, uint3);
+
+instantiate_dequant(float32, float)
+instantiate_dequant(float16, half)
+instantiate_dequant(bfloat16, bfloat16_t)

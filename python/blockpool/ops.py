@@ -1,8 +1,37 @@
-"""The native block ops: ``gather_blocks`` and ``scatter_blocks``.
+"""The block ops, and which implementation runs them on each device.
 
-On the CPU and on Apple GPUs (Metal) these are the compiled MLX primitives
-from ``blockpool._ext``. A CUDA build of mlx has no native GPU kernel for
-them, so there GPU streams fall back to :mod:`blockpool.reference`.
+Pooled ops (a pool array ``[num_blocks, H, B, D]`` and block ids):
+``gather_blocks``, ``scatter_blocks``, ``gather_dequantize_blocks``.
+Per-block ops (one array ``[H, B, D]`` per block): ``concat_blocks``,
+``concat_dequantize_blocks``, ``split_blocks``. Each call builds one graph
+node for all its entries (``scatter_blocks``: one per distinct pool;
+``split_blocks``: one per 128 new blocks, since every output of an MLX node
+references all its siblings).
+
+Backends. ``native`` is the compiled MLX primitives of ``blockpool._ext``;
+``reference`` is the pure-MLX :mod:`blockpool.reference`. CPU streams use
+native. GPU streams use native only where this build has GPU kernels
+(Metal) and each op passed a self-check: the first GPU use of an op in a
+process runs it on a tiny case against the reference, and on a mismatch or
+an error warns once and uses the reference for that op from then on. CUDA
+builds of mlx, and Macs whose Metal build failed, use the reference on the
+GPU. The environment variable ``BLOCKPOOL_OPS`` overrides this:
+``reference`` uses the reference for every op on every device; ``native``
+uses the compiled primitives everywhere, without a self-check (a GPU
+without kernels then fails at evaluation); unset, empty or ``auto`` is the
+default. :func:`backend` tells which one a device gets.
+
+Errors. Bad input raises :class:`~blockpool.errors.InvalidRequestError`
+(a ``ValueError``) when the op is called, before any graph is built, in
+both backends: every call is checked by the native op function. Block ids
+traced by ``mx.compile`` (ids passed as arguments of the compiled function)
+are only known at evaluation: a bad one makes ``mx.eval`` raise
+``RuntimeError`` before anything is written, on CPU streams; on GPU streams
+the native ops refuse traced ids when the graph is built, because a GPU
+kernel cannot check before it writes. ``mx.compile(..., shapeless=True)``
+is supported: shapes are read from the arrays at evaluation and checked
+again there (``RuntimeError`` on a mismatch); ``split_blocks`` refuses a
+shapeless call whose entries would need a different number of blocks.
 
 Rule for in-place writes: ``scatter_blocks`` reuses a pool's buffer only if,
 when the graph is evaluated, nothing but the scatter itself references the
@@ -13,21 +42,51 @@ copies, or the whole pool is copied.
 
 from __future__ import annotations
 
+import os
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import Any, Literal
+
 import mlx.core as mx
 
 from blockpool import _ext, reference
+from blockpool.errors import InvalidRequestError
 
-__all__ = ["ensure_cache_limit", "gather_blocks", "gather_dequantize_blocks", "native_gpu_kernels", "scatter_blocks"]
+__all__ = [
+    "OPS",
+    "backend",
+    "concat_blocks",
+    "concat_dequantize_blocks",
+    "ensure_cache_limit",
+    "gather_blocks",
+    "gather_dequantize_blocks",
+    "native_gpu_kernels",
+    "scatter_blocks",
+    "split_blocks",
+]
 
-#: Whether this build has native GPU kernels (Metal). False on Linux.
-native_gpu_kernels: bool = mx.metal.is_available()
+Backend = Literal["native", "reference"]
+StreamLike = mx.Stream | mx.Device | None
+BlockIdList = Sequence[int] | mx.array
 
+#: The ops this module dispatches, by name.
+OPS: tuple[str, ...] = (
+    "gather_blocks",
+    "scatter_blocks",
+    "gather_dequantize_blocks",
+    "concat_blocks",
+    "concat_dequantize_blocks",
+    "split_blocks",
+)
 
-def _on_gpu(stream: mx.Stream | mx.Device | None) -> bool:
-    device = stream.device if isinstance(stream, mx.Stream) else stream
-    if device is None:
-        device = mx.default_device()
-    return device.type == mx.gpu
+#: Whether this build has native GPU kernels (Metal) and a Metal GPU to run
+#: them. False on Linux, on CUDA builds, and where the Metal build failed.
+native_gpu_kernels: bool = bool(_ext.metal_kernels_built) and mx.metal.is_available()
+
+ENV_VAR = "BLOCKPOOL_OPS"
+_MODES = {"": "auto", "auto": "auto", "native": "native", "reference": "reference"}
 
 
 def ensure_cache_limit(nbytes: int) -> int:
@@ -49,29 +108,384 @@ def ensure_cache_limit(nbytes: int) -> int:
     return previous
 
 
-if native_gpu_kernels or not mx.cuda.is_available():
-    gather_blocks = _ext.gather_blocks
-    scatter_blocks = _ext.scatter_blocks
-    gather_dequantize_blocks = _ext.gather_dequantize_blocks
-else:  # pragma: no cover - CUDA builds of mlx only
+# ------------------------------------------------------------------ backends
 
-    def gather_blocks(pools, block_ids, *, stream=None):  # type: ignore[no-redef]
-        """Native gather on CPU streams, the pure-MLX reference on CUDA."""
-        if _on_gpu(stream):
-            with mx.stream(stream or mx.default_device()):
-                return reference.gather_blocks(pools, block_ids)
-        return _ext.gather_blocks(pools, block_ids, stream=stream)
 
-    def gather_dequantize_blocks(packed, scales, biases, block_ids, *, group_size=64, bits=4, stream=None):  # type: ignore[no-redef]
-        """Native fused gather + dequantize on CPU streams, the pure-MLX reference on CUDA."""
-        if _on_gpu(stream):
-            with mx.stream(stream or mx.default_device()):
-                return reference.gather_dequantize_blocks(packed, scales, biases, block_ids, group_size, bits)
-        return _ext.gather_dequantize_blocks(packed, scales, biases, block_ids, group_size=group_size, bits=bits, stream=stream)
+def _mode() -> str:
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    try:
+        return _MODES[value]
+    except KeyError:
+        raise InvalidRequestError(
+            f"{ENV_VAR} must be 'reference', 'native', 'auto' or unset, got {os.environ[ENV_VAR]!r}"
+        ) from None
 
-    def scatter_blocks(pools, block_ids, sources, offsets=None, *, stream=None):  # type: ignore[no-redef]
-        """Native scatter on CPU streams, the pure-MLX reference on CUDA."""
-        if _on_gpu(stream):
-            with mx.stream(stream or mx.default_device()):
-                return reference.scatter_blocks(pools, block_ids, sources, offsets)
-        return _ext.scatter_blocks(pools, block_ids, sources, offsets, stream=stream)
+
+def _device_of(stream: StreamLike | mx.DeviceType) -> mx.Device:
+    if stream is None:
+        return mx.default_device()
+    if isinstance(stream, mx.Stream):
+        return stream.device
+    if isinstance(stream, mx.DeviceType):
+        return mx.Device(stream)
+    return stream
+
+
+_lock = threading.Lock()
+_self_checked: dict[tuple[str, str], Backend] = {}  # (op, str(device)): mx.Device hashes by identity
+
+
+def _backend_of(op: str, device: mx.Device) -> Backend:
+    mode = _mode()
+    if mode == "reference":
+        return "reference"
+    if device.type == mx.cpu or mode == "native":
+        return "native"
+    if not native_gpu_kernels:
+        return "reference"
+    key = (op, str(device))
+    found = _self_checked.get(key)
+    if found is None:
+        with _lock:
+            found = _self_checked.get(key)
+            if found is None:
+                found = _self_checked[key] = _self_check(op, device)
+    return found
+
+
+def backend(device: mx.Device | mx.DeviceType | None = None, op: str | None = None) -> Backend:
+    """The implementation the block ops use on ``device`` (the default device when None).
+
+    With ``op`` (one of :data:`OPS`), the backend of that op alone; without,
+    ``"native"`` only when every op runs natively there. On a GPU this runs
+    the self-checks that have not run yet in this process.
+
+    Raises:
+        InvalidRequestError: ``op`` is not one of :data:`OPS`, or
+            ``BLOCKPOOL_OPS`` holds an unknown value.
+    """
+    if op is not None and op not in OPS:
+        raise InvalidRequestError(f"op must be one of {', '.join(OPS)}; got {op!r}")
+    dev = _device_of(device)
+    names = OPS if op is None else (op,)
+    return "native" if all(_backend_of(name, dev) == "native" for name in names) else "reference"
+
+
+def _native(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call a native op function; bad input becomes InvalidRequestError."""
+    try:
+        return fn(*args, **kwargs)
+    except InvalidRequestError:
+        raise
+    except ValueError as e:
+        raise InvalidRequestError(str(e)) from None
+
+
+def _check_entries(op: str, name: str, entries: Sequence[Any]) -> None:
+    """An entry that is itself an array would be iterated into sub-arrays: refuse it."""
+    for i, entry in enumerate(entries):
+        if isinstance(entry, mx.array):
+            raise InvalidRequestError(
+                f"{op}: {name}[{i}] is an mx.array; each entry must be a list of block arrays "
+                f"({name}=[[b0, b1, ...], ...])"
+            )
+
+
+def _run(op: str, stream: StreamLike, native_args: tuple, native_kwargs: dict, reference_call: Callable[[], Any]) -> Any:
+    fn = getattr(_ext, op)
+    if _backend_of(op, _device_of(stream)) == "native":
+        return _native(fn, *native_args, stream=stream, **native_kwargs)
+    # The same checks and errors as the native path: the op function
+    # validates and builds a CPU node that is dropped, never evaluated.
+    _native(fn, *native_args, stream=mx.cpu, **native_kwargs)
+    with mx.stream(stream) if stream is not None else nullcontext():
+        return reference_call()
+
+
+# ------------------------------------------------------------------ the ops
+
+
+def gather_blocks(
+    pools: Sequence[mx.array], block_ids: Sequence[BlockIdList], *, stream: StreamLike = None
+) -> list[mx.array]:
+    """Gather blocks of each pool into contiguous KV arrays, every entry in one graph node.
+
+    Args:
+        pools: Arrays ``[num_blocks, H, B, D]``, any dtype. The same array
+            may appear in several entries.
+        block_ids: For each entry, the block indices to read, in order: a
+            list of ints, or an integer ``mx.array`` or numpy array of any
+            layout (strided, broadcast, transposed views included).
+        stream: Stream or device to run on.
+
+    Returns:
+        For each entry, ``[1, H, len(block_ids[i]) * B, D]`` holding block
+        ``block_ids[i][j]`` at tokens ``j*B:(j+1)*B``.
+
+    Raises:
+        InvalidRequestError: Ids out of range, a pool not of rank 4, or
+            list lengths that differ.
+    """
+    return _run(
+        "gather_blocks", stream, (pools, block_ids), {}, lambda: reference.gather_blocks(pools, block_ids)
+    )
+
+
+def scatter_blocks(
+    pools: Sequence[mx.array],
+    block_ids: Sequence[BlockIdList],
+    sources: Sequence[mx.array],
+    offsets: Sequence[int] | None = None,
+    *,
+    stream: StreamLike = None,
+) -> list[mx.array]:
+    """Write contiguous KV arrays back into blocks of each pool.
+
+    Source token ``t`` of entry ``i`` goes to position ``offsets[i] + t`` of
+    the entry's blocks: block ``block_ids[i][(offsets[i] + t) // B]``.
+    Positions no source token reaches keep their old contents. Entries that
+    pass the same pool array write into one updated copy of it, and each of
+    them gets that array back; an unreferenced pool is updated in place
+    (see the module's rule for in-place writes).
+
+    Args:
+        pools: Arrays ``[num_blocks, H, B, D]``.
+        block_ids: For each entry, the block indices to write (as for
+            :func:`gather_blocks`). No id may repeat within one pool in one call.
+        sources: Arrays ``[1, H, T, D]`` of the pool's dtype, any strides.
+        offsets: Position of source token 0 inside the first block, in
+            ``[0, B)``; zero for every entry when omitted.
+        stream: Stream or device to run on.
+
+    Returns:
+        The updated pool for each entry.
+
+    Raises:
+        InvalidRequestError: Ids out of range or repeated, shape, dtype or
+            rank mismatch, more tokens than the blocks hold, or list lengths
+            that differ.
+    """
+    return _run(
+        "scatter_blocks",
+        stream,
+        (pools, block_ids, sources, offsets),
+        {},
+        lambda: reference.scatter_blocks(pools, block_ids, sources, offsets),
+    )
+
+
+def gather_dequantize_blocks(
+    packed: Sequence[mx.array],
+    scales: Sequence[mx.array],
+    biases: Sequence[mx.array],
+    block_ids: Sequence[BlockIdList],
+    *,
+    group_size: int = 64,
+    bits: int = 4,
+    stream: StreamLike = None,
+) -> list[mx.array]:
+    """Gather blocks of affine-quantized pools and dequantize them in one pass.
+
+    The pools use ``mx.quantize``'s layout along the head dim: ``packed``
+    ``[num_blocks, H, B, D * bits / 32]`` (uint32), ``scales`` and
+    ``biases`` ``[num_blocks, H, B, D / group_size]``. The result equals
+    ``mx.dequantize`` of the gathered planes, bit for bit.
+
+    Args:
+        packed: Packed pools, one per entry (the same pool may repeat).
+        scales: The matching scales pools (float16, bfloat16 or float32;
+            entries may differ).
+        biases: The matching biases pools, each of its scales' dtype.
+        block_ids: For each entry, the block indices to read, in order.
+        group_size: 32, 64 or 128, as given to ``mx.quantize``.
+        bits: 2, 4 or 8, as given to ``mx.quantize``.
+        stream: Stream or device to run on.
+
+    Returns:
+        For each entry, ``[1, H, len(block_ids[i]) * B, D]`` in that
+        entry's scales dtype.
+
+    Raises:
+        InvalidRequestError: Ids out of range, shapes or dtypes that do not
+            match, bits or group_size not supported, or list lengths that differ.
+    """
+    return _run(
+        "gather_dequantize_blocks",
+        stream,
+        (packed, scales, biases, block_ids),
+        {"group_size": group_size, "bits": bits},
+        lambda: reference.gather_dequantize_blocks(packed, scales, biases, block_ids, group_size, bits),
+    )
+
+
+def concat_blocks(blocks: Sequence[Sequence[mx.array]], *, stream: StreamLike = None) -> list[mx.array]:
+    """Join each entry's block arrays on the token axis, every entry in one graph node.
+
+    Args:
+        blocks: For each entry (a layer's K or V plane, say), its blocks
+            ``[H, B, D]`` in token order: at least one, all of one shape and
+            dtype. The same array may appear several times.
+        stream: Stream or device to run on.
+
+    Returns:
+        For each entry, a new ``[1, H, len(blocks[i]) * B, D]`` array with
+        block ``j`` at tokens ``j*B:(j+1)*B``. An empty ``blocks`` gives ``[]``.
+
+    Raises:
+        InvalidRequestError: An entry with no blocks (its shape would be
+            unknown), a block not of rank 3, or blocks of one entry that
+            differ in shape or dtype.
+    """
+    _check_entries("concat_blocks", "blocks", blocks)
+    return _run("concat_blocks", stream, (blocks,), {}, lambda: reference.concat_blocks(blocks))
+
+
+def concat_dequantize_blocks(
+    packed: Sequence[Sequence[mx.array]],
+    scales: Sequence[Sequence[mx.array]],
+    biases: Sequence[Sequence[mx.array]],
+    *,
+    group_size: int = 64,
+    bits: int = 4,
+    stream: StreamLike = None,
+) -> list[mx.array]:
+    """Join and dequantize each entry's quantized blocks, bit-identical to ``mx.dequantize``.
+
+    Args:
+        packed: For each entry, its packed blocks ``[H, B, D * bits / 32]``
+            (uint32), in token order, at least one.
+        scales: The matching scales blocks ``[H, B, D / group_size]``
+            (float16, bfloat16 or float32: one dtype per entry, entries may differ).
+        biases: The matching biases blocks, of the scales' shape and dtype.
+        group_size: 32, 64 or 128, as given to ``mx.quantize``.
+        bits: 2, 4 or 8, as given to ``mx.quantize``.
+        stream: Stream or device to run on.
+
+    Returns:
+        For each entry, ``[1, H, n * B, D]`` in that entry's scales dtype.
+
+    Raises:
+        InvalidRequestError: An empty entry, shapes or dtypes that do not
+            match, bits or group_size not supported, or lengths that differ.
+    """
+    for name, planes in (("packed", packed), ("scales", scales), ("biases", biases)):
+        _check_entries("concat_dequantize_blocks", name, planes)
+    return _run(
+        "concat_dequantize_blocks",
+        stream,
+        (packed, scales, biases),
+        {"group_size": group_size, "bits": bits},
+        lambda: reference.concat_dequantize_blocks(packed, scales, biases, group_size, bits),
+    )
+
+
+def split_blocks(
+    sources: Sequence[mx.array],
+    offsets: Sequence[int],
+    heads: Sequence[mx.array | None],
+    *,
+    block_tokens: int = 256,
+    stream: StreamLike = None,
+) -> list[list[mx.array]]:
+    """Cut each source into new block arrays: the inverse of :func:`concat_blocks`.
+
+    Entry ``i`` returns ``ceil((offsets[i] + T) / block_tokens)`` new arrays
+    ``[H, block_tokens, D]``. Position ``p`` over them (0-based) holds source
+    token ``p - offsets[i]`` for ``offsets[i] <= p < offsets[i] + T``;
+    positions before ``offsets[i]`` are copied from ``heads[i]`` (zeros when
+    it is None); positions after the source are zeros. ``T = 0`` is allowed:
+    it gives no block when ``offsets[i]`` is 0, else one block holding the
+    head's first ``offsets[i]`` tokens. With ``offsets[i] = 0`` the head is
+    checked but unused. Every returned block is a separate array with its
+    own buffer, so dropping one frees it.
+
+    Args:
+        sources: Arrays ``[1, H, T, D]``, any strides.
+        offsets: For each source, the position of its token 0 in the first
+            block, in ``[0, block_tokens)``.
+        heads: For each source, a block ``[H, block_tokens, D]`` of its
+            dtype (an agent's partly filled last block), or None.
+        block_tokens: Tokens per block (the pool's B).
+        stream: Stream or device to run on.
+
+    Returns:
+        For each source, its list of new blocks.
+
+    Raises:
+        InvalidRequestError: A source not ``[1, H, T, D]``, an offset out of
+            range, a head of the wrong shape or dtype, ``block_tokens < 1``,
+            or lengths that differ.
+    """
+    return _run(
+        "split_blocks",
+        stream,
+        (sources, offsets, heads),
+        {"block_tokens": block_tokens},
+        lambda: reference.split_blocks(sources, offsets, heads, block_tokens),
+    )
+
+
+# ------------------------------------------------------------------ self-check
+
+
+def _self_check_cases(op: str) -> tuple[tuple, dict, Callable[[], Any]]:
+    """A tiny call of ``op`` (native args, kwargs) and its reference result."""
+    key = mx.random.key(7)
+    pool = mx.random.normal((5, 2, 4, 16), key=key).astype(mx.float16)
+    source = mx.swapaxes(mx.random.normal((1, 6, 2, 16), key=key).astype(mx.float16), 1, 2)  # strided
+    blocks = [pool[i] for i in range(5)]
+    if op == "gather_blocks":
+        args = ([pool, pool], [[3, 0, 4], [1]])
+        return args, {}, lambda: reference.gather_blocks(*args)
+    if op == "scatter_blocks":
+        args = ([pool], [[2, 4]], [source], [1])
+        return args, {}, lambda: reference.scatter_blocks(*args)
+    if op == "concat_blocks":
+        args = ([blocks[3:], blocks[:2] + blocks[:1]],)
+        return args, {}, lambda: reference.concat_blocks(*args)
+    if op == "split_blocks":
+        args = ([source, source[:, :, :0]], [3, 2], [blocks[1], None])
+        return args, {"block_tokens": 4}, lambda: reference.split_blocks(*args, block_tokens=4)
+    x = mx.random.normal((5, 2, 4, 64), key=key)
+    q, s, b = mx.quantize(x, group_size=32, bits=4)  # float32 scales
+    q16, s16, b16 = mx.quantize(x.astype(mx.float16), group_size=32, bits=4)  # float16 scales
+    if op == "gather_dequantize_blocks":
+        args = ([q, q16], [s, s16], [b, b16], [[4, 1], [0]])
+        kwargs = {"group_size": 32, "bits": 4}
+        return args, kwargs, lambda: reference.gather_dequantize_blocks(*args, 32, 4)
+    # concat_dequantize_blocks
+    args = ([[q[4], q[1]], [q16[0]]], [[s[4], s[1]], [s16[0]]], [[b[4], b[1]], [b16[0]]])
+    kwargs = {"group_size": 32, "bits": 4}
+    return args, kwargs, lambda: reference.concat_dequantize_blocks(*args, 32, 4)
+
+
+def _flatten(result: Any) -> list[mx.array]:
+    if isinstance(result, mx.array):
+        return [result]
+    return [a for item in result for a in _flatten(item)]
+
+
+def _self_check(op: str, device: mx.Device) -> Backend:
+    """Run ``op`` natively on ``device`` against the reference; warn and fall back on failure."""
+    try:
+        with mx.stream(device):
+            args, kwargs, expected = _self_check_cases(op)
+            got = _flatten(getattr(_ext, op)(*args, stream=device, **kwargs))
+            want = _flatten(expected())
+            mx.eval(got, want)
+        same = len(got) == len(want) and all(
+            g.shape == w.shape and g.dtype == w.dtype and mx.array_equal(g, w).item() for g, w in zip(got, want)
+        )
+        reason = "" if same else "its result differs from the reference"
+    except Exception as e:  # any failure of the kernel means: do not use it
+        same, reason = False, f"{type(e).__name__}: {e}"
+    if same:
+        return "native"
+    warnings.warn(
+        f"blockpool: the native {op} failed its self-check on {device} ({reason}); "
+        f"using the pure-MLX reference for {op} on this device from now on. "
+        f"Results stay correct; set {ENV_VAR}=reference to silence this.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return "reference"

@@ -1,8 +1,11 @@
 """Pure-MLX versions of the native block ops.
 
 They define what the native ops must compute and serve as the test oracle.
-They are also the fallback on a GPU backend with no native kernel (CUDA
-builds of mlx). They are written for clarity, not speed.
+They are also what :mod:`blockpool.ops` runs where the native kernels are
+not used: GPU streams without working native kernels (CUDA builds of mlx, a
+Mac whose Metal build failed) and ``BLOCKPOOL_OPS=reference``. They are
+written for clarity, not speed, and they do not validate their input:
+``blockpool.ops`` checks every call with the native op functions first.
 """
 
 from __future__ import annotations
@@ -74,4 +77,50 @@ def gather_dequantize_blocks(
             out.append(mx.zeros(qi.shape[:3] + (qi.shape[3] * 32 // bits,), dtype=si.dtype))
         else:
             out.append(mx.dequantize(qi, si, bi, group_size=group_size, bits=bits))
+    return out
+
+
+def concat_blocks(blocks: Sequence[Sequence[mx.array]]) -> list[mx.array]:
+    """Reference concat: each entry's ``[H, B, D]`` blocks joined into ``[1, H, n*B, D]``."""
+    return [mx.concatenate(list(entry), axis=1)[None] for entry in blocks]
+
+
+def concat_dequantize_blocks(
+    packed: Sequence[Sequence[mx.array]],
+    scales: Sequence[Sequence[mx.array]],
+    biases: Sequence[Sequence[mx.array]],
+    group_size: int = 64,
+    bits: int = 4,
+) -> list[mx.array]:
+    """Reference concat + dequantize: join each plane, then ``mx.dequantize``."""
+    out = []
+    for q, s, b in zip(packed, scales, biases, strict=True):
+        q, s, b = (mx.concatenate(list(plane), axis=1) for plane in (q, s, b))
+        out.append(mx.dequantize(q, s, b, group_size=group_size, bits=bits)[None])
+    return out
+
+
+def split_blocks(
+    sources: Sequence[mx.array],
+    offsets: Sequence[int],
+    heads: Sequence[mx.array | None],
+    block_tokens: int = 256,
+) -> list[list[mx.array]]:
+    """Reference split: position ``p`` of entry ``i``'s new blocks holds source
+    token ``p - offsets[i]``; earlier positions come from ``heads[i]`` (or are
+    zero), later ones are zero. Every block is its own new array."""
+    out = []
+    for src, first, head in zip(sources, offsets, heads, strict=True):
+        _, heads_n, tokens, dim = src.shape
+        blocks = []
+        for k in range(-(-(first + tokens) // block_tokens)):
+            start = k * block_tokens
+            block = mx.zeros((heads_n, block_tokens, dim), dtype=src.dtype)
+            if start < first and head is not None:
+                block[:, : first - start] = head[:, : first - start]
+            lo, hi = max(start, first), min(start + block_tokens, first + tokens)
+            if lo < hi:
+                block[:, lo - start : hi - start] = src[0, :, lo - first : hi - first]
+            blocks.append(block)
+        out.append(blocks)
     return out
