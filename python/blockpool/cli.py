@@ -20,6 +20,8 @@ COMMANDS: dict[str, str] = {
     "demo": "blockpool.demo",
     "inspect": "blockpool.inspection",
     "bench": "blockpool.report",
+    "doctor": "blockpool.doctor",
+    "serve": "blockpool.server.command",
 }
 
 

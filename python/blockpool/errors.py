@@ -44,5 +44,14 @@ class EngineBusyError(BlockPoolError):
     """
 
 
+class PersistenceError(BlockPoolError, OSError):
+    """An agent file could not be written or read: the disk is full or read-only, the path
+    is unusable (a directory in the way, no such directory), or an I/O error.
+
+    It is an ``OSError`` too: ``errno`` and ``filename`` say what and where. A
+    failed write leaves no temporary file, and the previous file (if any) as it was.
+    """
+
+
 class CacheCorruptionError(BlockPoolError):
     """A persisted cache failed verification: truncated, bit-flipped, or not a cache file."""

@@ -1,22 +1,20 @@
-"""The blockpool command and the mlx-lm drop-in functions."""
+"""The blockpool command (the drop-in functions are tested in test_drop_ins.py)."""
 
 from __future__ import annotations
 
-import inspect
-import sys
+import os
 
 import mlx.core as mx
-import mlx_lm
 import pytest
+import tiny_models
+from agent_files import synthetic_file
 from cli_runner import run_cli
 
-import blockpool
-from blockpool import AgentMemory, BlockPool, BlockPoolBatchEngine, InvalidRequestError, ModelCacheSpec
+from blockpool import AgentMemory, BlockPool, BlockPoolBatchEngine, ModelCacheSpec
+from blockpool.cli import main
+from blockpool.persistence import agent_file_name, save_agent_file
 
 pytestmark = pytest.mark.integration
-
-# mlx_lm.generate is both a function and a module: take the module.
-mlx_generate_module = sys.modules["mlx_lm.generate"]
 
 
 @pytest.mark.parametrize(
@@ -46,72 +44,69 @@ def test_inspect_lists_agents_and_flags_a_corrupt_file(load_tiny, tmp_path):
     broken = bytearray(files[1].read_bytes())
     broken[-5] ^= 0x40
     files[1].write_bytes(bytes(broken))
-    (tmp_path / ".x.safetensors.1.tmp").write_bytes(b"partial")
+    (tmp_path / f".{files[0].name}.123.456.tmp").write_bytes(b"partial")  # as an interrupted save names it
 
     result = run_cli("inspect", str(tmp_path))
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # one agent file is corrupt
     lines = result.stdout.splitlines()
     assert lines[0].split()[:4] == ["file", "agent", "tokens", "bytes"]
     ok = [line for line in lines if line.endswith(" ok")]
     assert len(ok) == 1 and ("alpha" in ok[0] or "beta" in ok[0]) and f" {memory.fingerprint[:16]} " in ok[0]
+    assert ok[0].split()[2:6] == ["74", str(files[0].stat().st_size), "32", "1"]  # tokens, bytes, float32 values, format 1
     assert any("corrupt: checksum mismatch" in line for line in lines)
     assert any("partial write" in line for line in lines)
+    assert lines[-1].startswith("2 agent files: 1 ok, 1 corrupt, 0 incompatible; ignored: 1 partial writes")
     assert files[1].exists()  # inspect changes nothing
 
 
-# ------------------------------------------------------------------ drop-in functions
+def inspect_in_process(capsys, *args: str) -> tuple[int, str]:
+    """``blockpool inspect ARGS`` through the command's own entry point, in this process: (exit status, stdout)."""
+    try:
+        status = main(["inspect", *args])
+    except SystemExit as e:  # --help
+        status = e.code
+    return status, capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["generate", "stream_generate", "batch_generate"])
-def test_signatures_match_mlx_lm(name):
-    ours = inspect.signature(getattr(blockpool, name)).parameters
-    theirs = inspect.signature(getattr(mlx_generate_module, name)).parameters
-    for param in theirs.values():
-        assert param.name in ours, f"{name} lacks {param.name}"
-        mine = ours[param.name]
-        assert mine.kind == param.kind and mine.default == param.default, f"{name}.{param.name} differs"
-    extra = [p for p in ours.values() if p.name not in theirs]
-    assert all(p.kind == inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty for p in extra)
-    assert {p.name for p in extra} == ({"agent_ids", "memory"} if name == "batch_generate" else {"agent_id", "memory"})
+def test_inspect_on_a_model_directory_finds_no_agent_files(tmp_path, capsys):
+    model_dir = tiny_models.write_model_dir(tmp_path / "model", "llama")
+    status, out = inspect_in_process(capsys, str(model_dir))
+    assert status == 0, out
+    lines = out.splitlines()[1:-1]
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= {line.split()[0] for line in lines}
+    assert all(line.endswith("not an agent file") for line in lines)
+    assert out.splitlines()[-1].startswith("0 agent files: 0 ok, 0 corrupt")
 
 
-@pytest.fixture
-def memory(load_tiny):
-    model, tokenizer = load_tiny("llama")
-    pool = BlockPool(ModelCacheSpec.from_model(model), num_blocks=64)
-    return AgentMemory(BlockPoolBatchEngine(model, tokenizer, pool))
+def test_inspect_exit_statuses_are_documented_and_kept(tmp_path, capsys):
+    status, help_text = inspect_in_process(capsys, "--help")
+    assert status == 0 and "exit status" in help_text and all(f"  {code}  " in help_text for code in (0, 1, 2))
+    cache = tmp_path / "agents"
+    cache.mkdir()
+    assert inspect_in_process(capsys, str(cache))[0] == 0  # empty
+    save_agent_file(cache / agent_file_name("a"), synthetic_file(40, marker=1))
+    (cache / "notes.txt").write_text("mine")
+    (cache / f"{agent_file_name('b')}.corrupt-20250101-000000-1").write_bytes(b"set aside earlier")
+    status, out = inspect_in_process(capsys, str(cache))
+    assert status == 0, out  # one ok agent; the rest is ignored
+    assert [line.split()[4] for line in out.splitlines() if line.endswith(" ok")] == ["16"]  # bfloat16 values
+    assert "set aside by a store" in out and "not an agent file" in out
+    (cache / agent_file_name("c")).write_bytes(b"\x00" * 20)
+    assert inspect_in_process(capsys, str(cache))[0] == 1
+    assert inspect_in_process(capsys, str(tmp_path / "missing"))[0] == 2
 
 
-def test_drop_ins_equal_mlx_lm(load_tiny, memory):
-    model, tokenizer = load_tiny("llama")
-    prompt = "the agent reads a file and writes"
-    for turn in range(2):  # the second call reuses the agent's cache
-        assert blockpool.generate(model, tokenizer, prompt, max_tokens=24, agent_id="a", memory=memory) == mlx_lm.generate(
-            model, tokenizer, prompt, max_tokens=24
-        )
-    ours = list(blockpool.stream_generate(model, tokenizer, prompt, max_tokens=24, agent_id="a", memory=memory))
-    theirs = list(mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=24))
-    assert [(r.text, r.token, r.finish_reason, r.generation_tokens, r.prompt_tokens) for r in ours] == [
-        (r.text, r.token, r.finish_reason, r.generation_tokens, r.prompt_tokens) for r in theirs
-    ]
-    assert isinstance(ours[0], mlx_generate_module.GenerationResponse) and ours[-1].cache_source == "pool"
-    assert all(mx.array_equal(a.logprobs, b.logprobs).item() for a, b in zip(ours, theirs))
-
-    prompts = [tokenizer.encode(p) for p in ("the agent", "memory blocks move from the pool", "numbers like 12 345")]
-    kwargs = dict(max_tokens=[12, 20, 16], return_token_ids=True, return_logprobs=True)
-    mine = blockpool.batch_generate(model, tokenizer, prompts, memory=memory, **kwargs)
-    ref = mlx_lm.batch_generate(model, tokenizer, prompts, **kwargs)
-    assert isinstance(mine, mlx_generate_module.BatchResponse)
-    assert (mine.texts, mine.token_ids, mine.logprobs) == (ref.texts, ref.token_ids, ref.logprobs)
-
-
-def test_drop_ins_refuse_what_they_do_not_support(load_tiny, memory):
-    model, tokenizer = load_tiny("llama")
-    for kwargs in ({"draft_model": model}, {"prompt_cache": []}, {"kv_bits": 4}, {"max_kv_size": 64}, {"bogus": 1}):
-        with pytest.raises(InvalidRequestError):
-            blockpool.generate(model, tokenizer, "hi", memory=memory, **kwargs)
-    with pytest.raises(InvalidRequestError):
-        blockpool.batch_generate(model, tokenizer, [[1, 2]], prompt_caches=[[]], memory=memory)
-    other, _ = load_tiny("qwen3")
-    with pytest.raises(InvalidRequestError, match="another model"):
-        blockpool.generate(other, tokenizer, "hi", memory=memory)
+def test_inspect_never_follows_links_or_opens_fifos(tmp_path):
+    cache, outside = tmp_path / "agents", tmp_path / "outside"
+    cache.mkdir()
+    outside.mkdir()
+    save_agent_file(outside / "x.safetensors", synthetic_file(40, marker=2))  # a valid file, outside the directory
+    os.symlink(outside / "x.safetensors", cache / agent_file_name("linked"))
+    os.mkfifo(cache / agent_file_name("fifo"))
+    result = run_cli("inspect", str(cache), timeout=60)  # a FIFO that were opened would block here
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert any("not a regular file (a symbolic link)" in line for line in lines)
+    assert any("not a regular file (a FIFO)" in line for line in lines)
+    assert not any(line.endswith(" ok") for line in lines)  # the linked file was not read
+    assert lines[-1].startswith("2 agent files: 0 ok, 2 corrupt")
