@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlx.core as mx
-
 from blockpool import demo_model
 from blockpool.demo_model import VOCAB_SIZE
 
@@ -114,3 +113,36 @@ def build_model(arch: str, dtype: mx.Dtype = mx.float32, seed: int = 0):
 def write_model_dir(path: Path, arch: str, dtype: mx.Dtype = mx.float32, seed: int = 0) -> Path:
     """Write a loadable model directory for ``arch`` and return its path."""
     return demo_model.write_model_dir(path, CONFIGS[arch], dtype, seed)
+
+
+_built: dict[tuple[str, str], object] = {}
+
+
+def tiny_model(arch: str, dtype: mx.Dtype = mx.float32):
+    """A cached in-memory model of ``arch`` (random, scaled weights), built once per session.
+
+    Import it from here (``from tiny_models import tiny_model``), not from a
+    conftest: sub-directories have conftest modules of their own.
+    """
+    key = (arch, str(dtype))
+    if key not in _built:
+        _built[key] = build_model(arch, dtype)
+    return _built[key]
+
+
+class FailingModel:
+    """The real model, except that once ``armed``, its next forward pass over ``batch``
+    sequences raises ``error`` from inside the call (a device failure, or Ctrl-C)."""
+
+    def __init__(self, model, batch: int = 2, error: BaseException = RuntimeError("simulated device failure")):
+        self._model, self.batch, self.error, self.armed, self.calls = model, batch, error, False, 0
+
+    def __call__(self, inputs, *args, **kwargs):
+        self.calls += 1
+        if self.armed and inputs.shape[0] == self.batch:
+            self.armed = False
+            raise self.error
+        return self._model(inputs, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)

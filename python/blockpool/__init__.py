@@ -2,7 +2,13 @@
 
 from blockpool import ops, reference
 from blockpool.block import AgentBlocks, KVBlock
-from blockpool.cache_conversion import blocks_to_reserve, from_mlx_caches, to_mlx_caches
+from blockpool.cache_conversion import (
+    extend_blocks,
+    from_mlx_caches,
+    plan_extension,
+    to_mlx_caches,
+    truncate,
+)
 from blockpool.engine import BlockPoolBatchEngine, CompletedGeneration, GenerationEvent
 from blockpool.errors import (
     BlockOperationError,
@@ -12,10 +18,16 @@ from blockpool.errors import (
     GenerationError,
     IncompatibleCacheError,
     InvalidRequestError,
+    PersistenceError,
     PoolExhaustedError,
     UnsupportedModelError,
 )
-from blockpool.generate import AgentGenerationResponse, batch_generate, generate, stream_generate
+from blockpool.generate import (
+    AgentGenerationResponse,
+    batch_generate,
+    generate,
+    stream_generate,
+)
 from blockpool.memory_store import AgentMemory, MemoryStats
 from blockpool.ops import gather_blocks, scatter_blocks
 from blockpool.pool import AgentUsage, BlockPool, BlockWrite, PoolStats
@@ -46,17 +58,20 @@ __all__ = [
     "LayerSpec",
     "MemoryStats",
     "ModelCacheSpec",
+    "PersistenceError",
     "PoolExhaustedError",
     "PoolStats",
     "UnsupportedModelError",
     "batch_generate",
-    "blocks_to_reserve",
+    "extend_blocks",
     "from_mlx_caches",
     "gather_blocks",
     "generate",
     "ops",
+    "plan_extension",
     "reference",
     "scatter_blocks",
     "stream_generate",
     "to_mlx_caches",
+    "truncate",
 ]

@@ -38,6 +38,11 @@ class AgentBlocks:
         valid_from: For sliding layers, the first position whose tokens the
             blocks really hold (older positions of the first block may never
             have been written). Defaults to the window's start.
+        pool_id: The pool that issued the handle (None for a handle built
+            by hand). The engine refuses a handle from another pool.
+        generation: Issued by the pool, increasing per agent. A handle is
+            consumed when it is submitted; the engine refuses a consumed
+            handle or one older than the agent's newest (stale).
     """
 
     agent_id: str
@@ -47,6 +52,9 @@ class AgentBlocks:
     token_ids: list[int]
     ring_index: dict[int, int] = field(default_factory=dict)
     valid_from: dict[int, int] = field(default_factory=dict)
+    pool_id: str | None = None
+    generation: int | None = None
+    consumed: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.check()
@@ -68,9 +76,9 @@ class AgentBlocks:
                     f"layer {layer_id} ({spec.layers[layer_id].attention}) holds {len(blocks)} blocks; "
                     f"{self.total_tokens} tokens need {hi - lo}"
                 )
-            window = spec.layers[layer_id].window
-            if window is not None and self.valid_start(layer_id) > max(0, self.total_tokens - window):
-                raise ValueError(f"layer {layer_id} does not hold the last {window} tokens")
+            needed = spec.rules(layer_id).first_needed(self.total_tokens)
+            if self.valid_start(layer_id) > needed:
+                raise ValueError(f"layer {layer_id} does not hold the tokens from position {needed} on")
 
     def first_block(self, layer_id: int) -> int:
         """Logical index (token position // block_tokens) of a layer's first block."""
@@ -79,11 +87,11 @@ class AgentBlocks:
 
     def valid_start(self, layer_id: int) -> int:
         """First position whose tokens a layer's blocks hold (0 for a full layer)."""
-        window = self.spec.layers[layer_id].window
-        if window is None:
+        rules = self.spec.rules(layer_id)
+        if rules.window is None:
             return 0
         first = self.first_block(layer_id) * self.spec.block_tokens
-        return max(first, self.valid_from.get(layer_id, max(0, self.total_tokens - window)))
+        return max(first, self.valid_from.get(layer_id, rules.first_needed(self.total_tokens)))
 
     def all_blocks(self) -> Iterator[KVBlock]:
         """Every block of every layer."""

@@ -7,8 +7,11 @@ in the pool). Only full blocks are indexed: a shared block is never written.
 
 The index holds no references of its own. Each entry remembers the block's
 generation (bumped by the pool at every allocation and write), so an entry
-whose block was freed, reused or written since is recognised as stale and
-ignored. A sliding-window layer's block may hold only its later tokens
+whose block was dropped, reused or written since is recognised as stale and
+ignored. Indexed blocks are marked cacheable: when their last holder frees
+them the pool keeps them (least recently freed first) until it needs the
+memory, so a prefix outlives the agents that held it, e.g. while they sit
+on disk. A sliding-window layer's block may hold only its later tokens
 (older ones were never stored); each entry records from which position its
 tokens are valid, and a prefix is only shared if every window it needs is.
 """
@@ -46,15 +49,18 @@ class PrefixIndex:
         b = agent.spec.block_tokens
         full = agent.total_tokens // b
         keys = chain_hashes(agent.token_ids, full, b)
+        indexed = []
         for layer_id, blocks in agent.blocks.items():
             first = agent.first_block(layer_id)
             valid = agent.valid_start(layer_id)
             for j in range(max(first, valid // b), min(full, first + len(blocks))):
                 entry = self._entries.setdefault(keys[j], {})
                 known = entry.get(layer_id)
+                block = blocks[j - first]
+                indexed.append(block)
                 if known is None or not self._alive(*known):
-                    block = blocks[j - first]
                     entry[layer_id] = (block, self.pool.generation(block), max(valid, j * b))
+        self.pool.mark_cacheable(indexed)
         if len(self._entries) > 4 * self.pool.total_blocks:
             self._prune()
 
@@ -82,7 +88,7 @@ class PrefixIndex:
             blocks: dict[int, list[KVBlock]] = {}
             for layer_id, layer in enumerate(spec.layers):
                 lo, hi = spec.block_range(layer_id, length)
-                needed_from = 0 if layer.window is None else max(0, length - layer.window)
+                needed_from = spec.rules(layer_id).first_needed(length)
                 picked = [chain[i].get(layer_id) for i in range(lo, hi)]
                 if any(p is None or p[1] > max(needed_from, i * b) for i, p in zip(range(lo, hi), picked)):
                     break
@@ -91,8 +97,13 @@ class PrefixIndex:
                 return length, blocks
         return 0, {}
 
+    def valid_from(self, blocks: dict[int, list[KVBlock]], length: int) -> dict[int, int]:
+        """For a prefix :meth:`lookup` returned, the first position each sliding layer's blocks hold."""
+        spec = self.pool.spec
+        return {i: spec.rules(i).first_needed(length) for i in range(spec.num_layers) if spec.rules(i).window is not None}
+
     def _alive(self, block: KVBlock, generation: int, valid_from: int = 0) -> bool:
-        return self.pool.refcount(block) > 0 and self.pool.generation(block) == generation
+        return self.pool.is_live(block, generation)
 
     def _prune(self) -> None:
         for key in list(self._entries):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 
+from blockpool.attention import AttentionRules, rules_for
 from blockpool.errors import UnsupportedModelError
 
 #: Tokens per block; matches mlx-lm's ``KVCache.step``.
@@ -61,9 +61,14 @@ class LayerSpec:
     window: int | None = None
 
     @property
+    def rules(self) -> AttentionRules:
+        """The layer's attention rules: what it keeps and how its cache is rebuilt."""
+        return rules_for(self.window)
+
+    @property
     def attention(self) -> str:
         """``"full"`` or ``"sliding"``."""
-        return "full" if self.window is None else "sliding"
+        return self.rules.name
 
     @property
     def kv_heads(self) -> int:
@@ -142,10 +147,13 @@ class ModelCacheSpec:
         """Bytes of one block of a layer (K and V for ``block_tokens`` tokens), as stored."""
         return self.layers[layer_id].geometry.bytes_per_block(self.block_tokens, kv_bits, group_size)
 
+    def rules(self, layer_id: int) -> AttentionRules:
+        """The attention rules of a layer."""
+        return self.layers[layer_id].rules
+
     def max_blocks(self, layer_id: int) -> int | None:
         """Most blocks a layer ever holds: ``ceil(window / B) + 1`` if sliding, else None."""
-        window = self.layers[layer_id].window
-        return None if window is None else math.ceil(window / self.block_tokens) + 1
+        return self.rules(layer_id).max_blocks(self.block_tokens)
 
     def blocks_held(self, layer_id: int, tokens: int) -> int:
         """Blocks a layer holds for an agent of ``tokens`` tokens."""
@@ -158,11 +166,7 @@ class ModelCacheSpec:
         A full layer keeps every block; a sliding layer only those covering
         its last ``window`` tokens.
         """
-        b = self.block_tokens
-        hi = -(-tokens // b)
-        window = self.layers[layer_id].window
-        lo = 0 if window is None else max(0, tokens - window) // b
-        return lo, hi
+        return self.rules(layer_id).block_range(tokens, self.block_tokens)
 
     def bytes_for_tokens(self, tokens: int, kv_bits: int | None = None, group_size: int = 64) -> int:
         """Pool bytes one agent of ``tokens`` tokens holds."""

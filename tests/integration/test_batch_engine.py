@@ -5,6 +5,10 @@ test 1 asserts on ``completion`` without defining it, so it is set to the
 only completion. The fixtures, which the seed left as ``pytest.skip``, now
 build a real model: a tiny llama written to disk and loaded with
 ``mlx_lm.load`` (the seed's SmolLM2-135M cannot be downloaded here).
+
+Since requests wait for room instead of failing (issue 11), a pool is
+exhausted for a submit only when the wait queue is full too: the engine
+fixture bounds it with ``max_waiting``, so test 5 runs as written.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def pool(spec):
 @pytest.fixture
 def engine(model_and_tokenizer, pool):
     model, tokenizer = model_and_tokenizer
-    return BlockPoolBatchEngine(model, tokenizer, pool)
+    return BlockPoolBatchEngine(model, tokenizer, pool, max_waiting=64)
 
 
 class TestBatchEngine:

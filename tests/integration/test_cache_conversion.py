@@ -6,7 +6,7 @@ import copy
 
 import mlx.core as mx
 import pytest
-from conftest import tiny_model
+from tiny_models import tiny_model
 from mlx_lm.models.cache import make_prompt_cache
 
 from blockpool import (
@@ -14,10 +14,11 @@ from blockpool import (
     BlockPool,
     ModelCacheSpec,
     PoolExhaustedError,
-    blocks_to_reserve,
     from_mlx_caches,
+    plan_extension,
     to_mlx_caches,
 )
+from blockpool.cache_conversion import fresh_blocks
 
 pytestmark = pytest.mark.integration
 
@@ -126,7 +127,7 @@ def test_shared_partial_block_is_copied_on_write():
 
     more = random_tokens(10, 5)
     model(mx.array([more]), cache=cache)
-    counts = blocks_to_reserve(pool, owner, 110)
+    counts = fresh_blocks(plan_extension(pool, owner, 110))
     assert counts == {0: 1, 1: 1}  # one fresh copy per layer
     grown = from_mlx_caches(pool, cache, tokens + more, owner)
     assert all(pool.refcount(b) == 1 for b in grown.all_blocks())
@@ -153,18 +154,20 @@ def test_extraction_that_does_not_fit_changes_nothing():
     pool.check_invariants()
 
 
-def test_reserved_blocks_are_used_then_returned():
+def test_plans_are_exact_and_change_nothing():
     model = tiny_model("gemma3_text")
     spec = ModelCacheSpec.from_model(model)
     pool = BlockPool(spec, num_blocks=32)
     empty = AgentBlocks.empty("a", spec)
-    counts = blocks_to_reserve(pool, empty, 1000)
-    assert counts == {0: 2, 1: 4, 2: 2, 3: 4}  # sliding layers: at most ceil(32/256) + 1
-    reserved = pool.reserve(counts, "a")
+    before = pool.stats()
+    # Window 32: a sliding layer needs only the block that holds tokens 968..999.
+    assert fresh_blocks(plan_extension(pool, empty, 1000)) == {0: 1, 1: 4, 2: 1, 3: 4}
+    assert fresh_blocks(plan_extension(pool, empty, 270)) == {0: 2, 1: 2, 2: 2, 3: 2}  # 238..269 straddle two
+    assert pool.stats() == before  # planning is pure
     cache = make_prompt_cache(model)
-    tokens = random_tokens(100, 7)  # stops early: most of the reservation is unused
+    tokens = random_tokens(100, 7)
     model(mx.array([tokens]), cache=cache)
-    agent = from_mlx_caches(pool, cache, tokens, empty, reserved)
-    assert agent.num_blocks == 4 and pool.used_blocks("a") == 4
+    agent = from_mlx_caches(pool, cache, tokens, empty)
+    assert agent.num_blocks == 4 and pool.used_blocks("a") == 4 and empty.consumed
     pool.release(agent)
     assert pool.available_blocks() == 32

@@ -10,6 +10,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm_reference import mlx_lm_text, mlx_lm_tokens
+from tiny_models import FailingModel
 
 from blockpool import (
     AgentBlocks,
@@ -63,6 +64,12 @@ def test_bad_requests_change_nothing(llama, load_tiny):
         (dict(agent_id="a", prompt=[1, -2]), "token ids"),
         (dict(agent_id="a", prompt=[1, 10**6]), "token ids"),
         (dict(agent_id="a", prompt=3.5), "prompt must be"),
+        (dict(agent_id="a", prompt=b"hi"), "bytes"),
+        (dict(agent_id="a", prompt="a\ud800b"), "surrogate"),
+        (dict(agent_id="a", prompt="hi", stop="END", max_tokens=True), "max_tokens"),
+        (dict(agent_id="a", prompt="hi", keep_tokens=3), "keep_tokens"),
+        (dict(agent_id="a", prompt="hi", sampler="greedy"), "sampler"),
+        (dict(agent_id="a", prompt="hi", logits_processors=[1]), "logits_processors"),
         (dict(agent_id="a", prompt="hi", stop=[""]), "stop"),
     ]
     for kwargs, message in bad:
@@ -72,9 +79,12 @@ def test_bad_requests_change_nothing(llama, load_tiny):
     for c in finish(engine).values():
         pool.release(c.blocks)
 
-    pool.release(done.blocks)  # a stale handle: its blocks are gone
-    with pytest.raises(InvalidRequestError, match="no longer held"):
+    pool.release(done.blocks)  # a stale handle: a newer one was issued since, and its blocks are gone
+    with pytest.raises(InvalidRequestError, match="stale"):
         engine.submit(done.agent_id, "hi", cache=done.blocks)
+    by_hand = AgentBlocks(done.agent_id, done.blocks.spec, done.blocks.blocks, done.blocks.total_tokens, done.blocks.token_ids)
+    with pytest.raises(InvalidRequestError, match="no longer held"):
+        engine.submit(done.agent_id, "hi", cache=by_hand)
 
     gemma_model, _ = load_tiny("gemma3_text")
     foreign = AgentBlocks.empty("a", ModelCacheSpec.from_model(gemma_model))
@@ -182,10 +192,12 @@ def test_cancel_pending_and_running_requests(llama):
     pending = engine.submit("a", tokens(5, 9), cache=first.blocks, max_tokens=50)
     assert engine.cancel(pending)
     (cancelled,) = finish(engine).values()
-    assert cancelled.finish_reason == "cancelled" and cancelled.blocks is first.blocks
+    # The history comes back as a fresh handle to the same blocks; the submitted one is consumed.
+    assert cancelled.finish_reason == "cancelled" and cancelled.blocks.blocks == first.blocks.blocks
+    assert cancelled.blocks.token_ids == first.blocks.token_ids and first.blocks.consumed
     assert pool.used_blocks() == held
 
-    running = engine.submit("a", tokens(5, 9), cache=first.blocks, max_tokens=50)
+    running = engine.submit("a", tokens(5, 9), cache=cancelled.blocks, max_tokens=50)
     other = engine.submit("b", tokens(9, 10), max_tokens=50)
     results = {}
     for event in engine.stream():
@@ -195,11 +207,11 @@ def test_cancel_pending_and_running_requests(llama):
         if event.completion:
             results[event.uid] = event.completion
     assert results["cancel"] and results["again"]
-    assert results[running].finish_reason == "cancelled" and results[running].blocks is first.blocks
+    assert results[running].finish_reason == "cancelled" and results[running].blocks.blocks == first.blocks.blocks
     assert results[other].finish_reason == "cancelled" and results[other].blocks is None
     assert pool.used_blocks() == held
     assert not engine.cancel(running)  # already over
-    pool.release(first.blocks)
+    pool.release(results[running].blocks)
     assert pool.available_blocks() == 40
 
 
@@ -229,41 +241,25 @@ def test_requests_from_another_thread_join_the_running_batch(llama):
 # ------------------------------------------------------------------ failure and leaks
 
 
-class FailingModel:
-    """The real model, except that its ``fail_on``-th forward pass raises."""
-
-    def __init__(self, model, fail_on: int):
-        self._model, self.calls, self.fail_on = model, 0, fail_on
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls == self.fail_on:
-            raise RuntimeError("simulated device failure")
-        return self._model(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-
 def test_model_failure_returns_blocks_and_engine_recovers(load_tiny):
     model, tokenizer = load_tiny("llama")
-    wrapped = FailingModel(model, fail_on=10**9)
+    wrapped = FailingModel(model)
     pool = BlockPool(ModelCacheSpec.from_model(model), num_blocks=40)
     engine = BlockPoolBatchEngine(wrapped, tokenizer, pool)
     engine.submit("keep", tokens(30, 13), max_tokens=4)
     (history,) = finish(engine).values()
     start = pool.available_blocks()
 
-    wrapped.fail_on = wrapped.calls + 5  # mid-generation, with two requests in the batch
+    wrapped.armed = True  # the first decode step with both requests in the batch fails
     engine.submit("keep", tokens(5, 14), cache=history.blocks, max_tokens=30)
     engine.submit("other", tokens(12, 15), max_tokens=30)
     done = list(engine.step())
     assert {c.finish_reason for c in done} == {"error"}
     for c in done:
         assert isinstance(c.error, GenerationError) and "simulated device failure" in str(c.error)
-    assert pool.available_blocks() == start  # reservations returned; history intact
+    assert pool.available_blocks() == start  # working memory returned; history intact
     kept = next(c for c in done if c.agent_id == "keep").blocks
-    assert kept is history.blocks and pool.holds("keep", kept.all_blocks())
+    assert kept.blocks == history.blocks.blocks and pool.holds("keep", kept.all_blocks())
 
     prompt = tokens(9, 16)  # the engine is usable again
     engine.submit("keep", prompt, cache=kept, max_tokens=8)

@@ -8,8 +8,6 @@ import threading
 
 import mlx.core as mx
 import pytest
-from mlx_lm_reference import mlx_lm_tokens
-
 from blockpool import (
     AgentMemory,
     BlockPool,
@@ -21,6 +19,8 @@ from blockpool import (
     PoolExhaustedError,
 )
 from blockpool.persistence import agent_file_name
+from mlx_lm.sample_utils import make_logits_processors
+from mlx_lm_reference import mlx_lm_tokens
 
 pytestmark = pytest.mark.integration
 
@@ -94,10 +94,20 @@ def test_bad_requests_change_nothing(load_tiny):
     _, _, pool, memory = make_memory(load_tiny)
     turn(memory, "a", tokens(40, 4))
     before = pool.stats()
-    for kwargs in ({"prompt": "", "max_tokens": 4}, {"prompt": tokens(9, 5), "max_tokens": 0}, {"prompt": [{"role": "user"}], "max_tokens": 4}):
+    bad = (
+        {"prompt": "", "max_tokens": 4},
+        {"prompt": tokens(9, 5), "max_tokens": 0},
+        {"prompt": [{"content": "no role"}], "max_tokens": 4},
+        {"prompt": tokens(9, 5), "max_tokenz": 4},  # a misspelt keyword
+        {"prompt": tokens(9, 5), "tools": [{"type": "function"}]},  # tools with a non-chat prompt
+    )
+    for kwargs in bad:
         with pytest.raises(InvalidRequestError):
             memory.submit("a", **kwargs)
+    with pytest.raises(PoolExhaustedError):  # can never fit: refused before anything changes
+        memory.submit("a", tokens(40, 4) + tokens(9, 5), max_tokens=10**6)
     assert pool.stats() == before
+    assert turn(memory, "a", tokens(40, 4) + tokens(5, 6)).cached_tokens > 0  # the cache survived every refusal
     memory.close()
 
 
@@ -225,19 +235,30 @@ def test_odd_agent_ids_persist_inside_the_directory(load_tiny, tmp_path, agent_i
 
 
 def test_agents_in_flight_are_never_evicted(load_tiny, tmp_path):
-    _, _, pool, memory = make_memory(load_tiny, num_blocks=4, cache_dir=tmp_path)
-    memory.submit("a", tokens(10, 16), max_tokens=300)  # reserves 2 blocks per layer: the whole pool
-    with pytest.raises(PoolExhaustedError):
-        memory.submit("b", tokens(10, 17), max_tokens=4)  # nothing idle to spill
+    model, tokenizer = load_tiny("llama")
+    sizing = BlockPoolBatchEngine(model, tokenizer, BlockPool(ModelCacheSpec.from_model(model), num_blocks=64))
+    budget = sizing.request_bytes(0, 10, 300)  # each request alone needs the whole budget
+    pool = BlockPool(ModelCacheSpec.from_model(model), memory_bytes=budget)
+    memory = AgentMemory(BlockPoolBatchEngine(model, tokenizer, pool), cache_dir=tmp_path)
+    no_eos = make_logits_processors(logit_bias={0: -1e9})  # both run their full length
+    a = memory.submit("a", tokens(10, 16), max_tokens=300, logits_processors=no_eos)
+    b = memory.submit("b", tokens(10, 17), max_tokens=300, logits_processors=no_eos)  # waits, no error
     with pytest.raises(InvalidRequestError):
         memory.forget("a")
-    done = list(memory.step())
-    assert done[0].finish_reason in ("stop", "length") and memory.where("a") == "pool"
-    # Now "a" is idle: a request that needs the whole pool spills it.
-    assert turn(memory, "b", tokens(10, 17), 300).cache_source == "cold"
-    assert memory.where("a") == "disk"
+    places = set()
+    done = {}
+    for event in memory.stream():
+        if a not in done:
+            places.add(memory.where("a"))
+        if event.completion:
+            done[event.uid] = event.completion
+    assert places == {"pool"}  # never spilled while it ran
+    assert [done[a].finish_reason, done[b].finish_reason] == ["length", "length"]
+    assert done[b].queued_seconds > 0 and done[a].uid < done[b].uid
+    assert done[b].token_ids == mlx_lm_tokens(model, tokenizer, tokens(10, 17), 300, logits_processors=no_eos)
+    assert memory.where("a") == "disk"  # "b" needed all the room once "a" was idle
     memory.close()
-    assert pool.available_blocks() == 4
+    assert pool.available_blocks() == pool.total_blocks
 
 
 def test_hybrid_model_shares_only_windows_it_really_holds(load_tiny):
@@ -279,14 +300,8 @@ def test_spills_and_loads_while_other_agents_generate(load_tiny, tmp_path):
     try:
         for round_ in range(3):
             in_flight: dict[int, list[int]] = {}
-            for agent, prompt in prompts.items():
-                while True:
-                    try:
-                        in_flight[memory.submit(agent, prompt, max_tokens=10)] = prompt
-                        break
-                    except PoolExhaustedError:  # all idle agents spilled: wait for one to finish
-                        done = finished.get(timeout=120)
-                        answered.append((in_flight.pop(done.uid), done))
+            for agent, prompt in prompts.items():  # more than fit: they wait for room, none fails
+                in_flight[memory.submit(agent, prompt, max_tokens=10)] = prompt
             while in_flight:
                 done = finished.get(timeout=120)
                 answered.append((in_flight.pop(done.uid), done))

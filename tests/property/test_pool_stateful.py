@@ -1,4 +1,8 @@
-"""Hypothesis state machine: random allocate/reserve/free/share sequences across agents."""
+"""Hypothesis state machine: random allocate/reserve/free/share/charge sequences across agents.
+
+The books must balance after every step: refcounts equal holders, the bytes of
+blocks, working charges and cached-free blocks add up, and freeing everything
+returns the pool to where it started."""
 
 from __future__ import annotations
 
@@ -20,9 +24,27 @@ class PoolMachine(RuleBasedStateMachine):
         super().__init__()
         self.pool = BlockPool(SPEC, num_blocks=TOTAL)
         self.held: dict[str, set] = {}
+        self.owners = [object(), object()]
 
     def _snapshot(self):
-        return (self.pool.available_blocks(), {a: self.pool.used_blocks(a) for a in self.held})
+        return (self.pool.stats().used_bytes, {a: self.pool.used_blocks(a) for a in self.held})
+
+    @rule(owner=st.integers(0, 1), fraction=st.floats(0, 1.2))
+    def charge_working_bytes(self, owner, fraction):
+        before = self._snapshot()
+        nbytes = int(self.pool.total_bytes * fraction)
+        if self.pool.charge(self.owners[owner], nbytes):
+            assert self.pool.working_bytes(self.owners[owner]) == nbytes
+        else:
+            assert self._snapshot() == before  # refused: nothing changed
+            assert nbytes > self.pool.working_bytes(self.owners[owner])
+
+    @precondition(lambda self: any(self.held.values()))
+    @rule(data=st.data())
+    def index_some(self, data):
+        agent = data.draw(st.sampled_from(sorted(a for a, h in self.held.items() if h)))
+        blocks = data.draw(st.lists(st.sampled_from(sorted(self.held[agent], key=repr)), unique=True, min_size=1))
+        self.pool.mark_cacheable(blocks)  # only written blocks are kept after their last free
 
     @rule(agent=AGENTS, layer=st.integers(0, 2), n=st.integers(0, 12))
     def allocate(self, agent, layer, n):
@@ -94,7 +116,8 @@ class PoolMachine(RuleBasedStateMachine):
         self.pool.check_invariants()
         stats = self.pool.stats()
         physical = set().union(*self.held.values()) if self.held else set()
-        assert stats.used_blocks == len(physical)
+        assert stats.block_bytes == sum(self.pool.bytes_per_block(b.layer_id) for b in physical)
+        assert stats.used_bytes == stats.block_bytes + stats.working_bytes + stats.transient_bytes
         assert self.pool.available_blocks() + self.pool.used_blocks() == TOTAL
         for agent, blocks in self.held.items():
             assert self.pool.used_blocks(agent) == len(blocks)
@@ -104,7 +127,9 @@ class PoolMachine(RuleBasedStateMachine):
     def teardown(self):
         for agent, blocks in self.held.items():
             self.pool.free(blocks, agent)
-        assert self.pool.available_blocks() == TOTAL  # back to where it started
+        for owner in self.owners:
+            self.pool.charge(owner, 0)
+        assert self.pool.available_blocks() == TOTAL and self.pool.stats().used_bytes == 0  # back to where it started
         self.pool.check_invariants()
 
 

@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 import tiny_models
-from conftest import tiny_model
+from tiny_models import tiny_model
 from mlx_lm.models.cache import CacheList, ChunkedKVCache, KVCache, RotatingKVCache
 
 from blockpool import Geometry, LayerSpec, ModelCacheSpec, UnsupportedModelError

@@ -1,0 +1,375 @@
+"""The running batch: the sequences decoding together, and their working caches.
+
+The decode step mirrors mlx-lm's own generation loop (``GenerationBatch``
+and ``generate_step``): the model runs on the batch's last tokens, logits
+processors and samplers are applied per sequence, and the next step is
+launched before the current tokens are read, so that graph building
+overlaps computation. The caches are mlx-lm's own classes. A lone
+sequence decodes in plain ``KVCache``/``RotatingKVCache`` caches, as
+``mlx_lm.stream_generate`` does, and pays for no batch machinery; when a
+second one joins, both move into ``BatchKVCache``/``BatchRotatingKVCache``.
+
+Every change of the batch's shape (a sequence joining or leaving, a cache
+growing by a step) is done one layer at a time and evaluated before the
+next, so that the copy in flight is one layer, not the whole batch: that
+is what lets the engine keep all KV inside the pool's budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import (
+    BatchKVCache,
+    BatchRotatingKVCache,
+    KVCache,
+    RotatingKVCache,
+    TokenBuffer,
+)
+from mlx_lm.sample_utils import greedy_sampler
+
+from blockpool.spec import ModelCacheSpec
+from blockpool.working_memory import token_bytes
+
+Sampler = Callable[[mx.array], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+#: Tokens a cache grows by when it is full (mlx-lm's ``KVCache.step``).
+STEP = KVCache.step
+
+
+@dataclass
+class Row:
+    """One sequence in the batch: who it is, and how its next token is chosen."""
+
+    owner: Any
+    sampler: Sampler | None
+    processors: list[LogitsProcessor]
+    context: list[int] = field(default_factory=list)  # every token so far, for logits processors
+    _buffer: TokenBuffer | None = field(default=None, repr=False)
+
+    def fetch_context(self, inputs: mx.array) -> mx.array:
+        """The token context after appending ``inputs`` (as mlx-lm's ``TokenBuffer``)."""
+        if self._buffer is None:
+            self._buffer = TokenBuffer(self.context)
+        return self._buffer.update_and_fetch(inputs)
+
+
+def cache_nbytes(caches: Sequence[Any] | None) -> int:
+    """Bytes a list of mlx-lm caches holds."""
+    return sum(c.nbytes for c in caches) if caches else 0
+
+
+class DecodeBatch:
+    """Sequences that decode together, one model call per step for all of them."""
+
+    def __init__(self, model: nn.Module, spec: ModelCacheSpec):
+        self.model, self.spec = model, spec
+        self._token_bytes = [token_bytes(spec, i) for i in range(spec.num_layers)]
+        self.rows: list[Row] = []
+        self.caches: list[Any] | None = None
+        self._batched = False  # False: one sequence in plain caches
+        self._next_tokens: mx.array | None = None
+        self._next_logprobs: list[mx.array] = []
+
+    @classmethod
+    def for_prompts(cls, model: nn.Module, spec: ModelCacheSpec, rows: list[Row], caches: list[list[Any]],
+                    last_tokens: list[int]) -> DecodeBatch:
+        """A batch of sequences whose prompts are still to be prefilled (see :meth:`prefill`).
+
+        ``caches[i]`` holds row i's history in plain caches; one row keeps them
+        (no batch machinery), several are merged into batch caches, one layer
+        at a time. Each row's next input is its prompt's last token: the first
+        :meth:`step` reads those back (they are not generated tokens) and
+        launches each row's first generated token, as mlx-lm's prompt batch does.
+        """
+        batch = cls(model, spec)
+        batch.rows = list(rows)
+        if len(rows) == 1:
+            batch.caches = caches[0]
+        else:
+            merged = []
+            for layer_id in range(spec.num_layers):
+                column = [c[layer_id] for c in caches]
+                cache = _merge(column)
+                _eval_cache(cache)
+                for c in caches:
+                    c[layer_id] = None  # each layer's single caches can go as soon as they are merged
+                merged.append(cache)
+            batch.caches, batch._batched = merged, True
+        batch._next_tokens = mx.array(last_tokens, dtype=mx.uint32)
+        batch._next_logprobs = [_placeholder()] * len(rows)
+        return batch
+
+    def prefill(self, chunks: list[list[int]]) -> int:
+        """Run each row's next prompt chunk (rows may give fewer tokens, or none), as mlx-lm's prompt batch does:
+        right-padded to the longest, the padding then rolled out of the way. Returns the tokens run."""
+        lengths = [len(c) for c in chunks]
+        longest = max(lengths)
+        if not longest:
+            return 0
+        if not self._batched:
+            tokens = mx.array(chunks, dtype=mx.uint32)
+            self.model(tokens, cache=self.caches)
+            mx.eval([c.state for c in self.caches])
+            return longest
+        for cache in self.caches:  # room for the chunk now, one layer at a time (merged caches have none spare)
+            if isinstance(cache, BatchKVCache):
+                _grow_full(cache, longest)
+        padding = [longest - n for n in lengths]
+        tokens = mx.array([c + [0] * p for c, p in zip(chunks, padding)], dtype=mx.uint32)
+        if max(padding):
+            for cache in self.caches:
+                cache.prepare(lengths=lengths, right_padding=padding)
+        self.model(tokens, cache=self.caches)
+        for cache in self.caches:
+            if max(padding):
+                cache.finalize()
+            _eval_cache(cache)
+        return sum(lengths)
+
+    def absorb(self, other: DecodeBatch) -> None:
+        """Take over another batch's rows (a prompt batch whose first tokens are launched), one layer at a time."""
+        if not other.rows:
+            return
+        if not self.rows:
+            self.rows, self.caches, self._batched = other.rows, other.caches, other._batched
+            self._next_tokens, self._next_logprobs = other._next_tokens, other._next_logprobs
+            return
+        if not self._batched:
+            self.caches = [_as_batch(c) for c in self.caches]
+            self._batched = True
+        incoming = other.caches if other._batched else [_as_batch(c) for c in other.caches]
+        other.caches = None
+        for i, mine in enumerate(self.caches):
+            mine.extend(incoming[i])
+            incoming[i] = None
+            _eval_cache(mine)
+        self.rows += other.rows
+        self._next_tokens = mx.concatenate([self._next_tokens, other._next_tokens])
+        self._next_logprobs = self._next_logprobs + other._next_logprobs
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the working caches."""
+        return cache_nbytes(self.caches)
+
+    # ------------------------------------------------------------ stepping
+
+    def step(self) -> list[tuple[Row, int, mx.array]]:
+        """Read the tokens launched last step and launch the next step.
+
+        Returns:
+            ``(row, token, logprobs)`` for every row, in row order.
+        """
+        if not self.rows:
+            return []
+        current, current_logprobs = self._next_tokens, self._next_logprobs
+        logits = self.model(current[:, None], cache=self.caches)[:, -1, :]
+        contexts = []
+        if any(row.processors for row in self.rows):
+            processed = []
+            for e, row in enumerate(self.rows):
+                sample_logits = logits[e : e + 1]
+                if row.processors:
+                    context = row.fetch_context(current[e : e + 1])
+                    contexts.append(context)
+                    for processor in row.processors:
+                        sample_logits = processor(context, sample_logits)
+                processed.append(sample_logits)
+            logits = mx.concatenate(processed, axis=0)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        samplers = [row.sampler or greedy_sampler for row in self.rows]
+        if all(s is samplers[0] for s in samplers):
+            sampled = samplers[0](logprobs)
+        else:
+            sampled = mx.concatenate([s(logprobs[e : e + 1]) for e, s in enumerate(samplers)], axis=0)
+        self._next_tokens = sampled
+        self._next_logprobs = list(logprobs)
+        mx.async_eval(self._next_tokens, self._next_logprobs, contexts)
+        mx.eval(current, current_logprobs)
+        tokens = current.tolist()
+        for row, token in zip(self.rows, tokens):
+            row.context.append(token)
+        return list(zip(self.rows, tokens, current_logprobs))
+
+    def pending(self, index: int) -> tuple[int, mx.array]:
+        """The token (and its log-probabilities) row ``index`` will emit next: sampled, not yet read."""
+        mx.eval(self._next_tokens, self._next_logprobs[index])
+        return int(self._next_tokens[index].item()), self._next_logprobs[index]
+
+    # ------------------------------------------------------------ shape changes
+
+    def join(self, row: Row, caches: list[Any], next_token: mx.array, next_logprobs: mx.array) -> None:
+        """Add a sequence whose plain caches hold its history and whose next token is launched."""
+        if not self.rows:
+            self.rows, self.caches, self._batched = [row], caches, False
+            self._next_tokens, self._next_logprobs = next_token.reshape(-1), [next_logprobs]
+            return
+        if not self._batched:
+            self.caches = [_as_batch(c) for c in self.caches]
+            self._batched = True
+        incoming = [_as_batch(c) for c in caches]
+        caches.clear()  # the batch holds the only reference: each layer's copy can be freed as it goes
+        for i, (mine, theirs) in enumerate(zip(self.caches, incoming)):
+            mine.extend(theirs)
+            incoming[i] = None
+            _eval_cache(mine)
+        self.rows.append(row)
+        self._next_tokens = mx.concatenate([self._next_tokens, next_token.reshape(-1)])
+        self._next_logprobs.append(next_logprobs)
+
+    def remove(self, indices: Sequence[int]) -> None:
+        """Drop rows (finished, cancelled or preempted) and the memory they held."""
+        gone = set(indices)
+        keep = [i for i in range(len(self.rows)) if i not in gone]
+        if not keep:
+            self.rows, self.caches, self._batched = [], None, False
+            self._next_tokens, self._next_logprobs = None, []
+            return
+        if self._batched:
+            for cache in self.caches:
+                cache.filter(keep)
+                _eval_cache(cache)
+        self.rows = [self.rows[i] for i in keep]
+        self._next_tokens = self._next_tokens[mx.array(keep)]
+        self._next_logprobs = [self._next_logprobs[i] for i in keep]
+
+    def growth_bytes(self) -> int:
+        """Working bytes the next step adds (caches that are full grow by a step)."""
+        if not self.rows:
+            return 0
+        extra = 0
+        for layer_id, cache in enumerate(self.caches):
+            need = _growth_tokens(cache)
+            if need:
+                extra += need * len(self.rows) * self._token_bytes[layer_id]
+        return extra
+
+    def grow(self) -> None:
+        """Give every full cache room for the next token now, one layer at a time.
+
+        mlx-lm grows a full cache inside the model call, where every layer's
+        old and new arrays are alive at once; growing here, with an eval per
+        layer, keeps that copy to one layer. The new shape is the one mlx-lm
+        would make, so the model sees the same arrays.
+        """
+        for cache in self.caches or []:
+            if isinstance(cache, (KVCache, BatchKVCache)):
+                _grow_full(cache)
+            elif _growth_tokens(cache):
+                continue  # a sliding cache grows inside the model call; it is bounded by its window
+
+    # ------------------------------------------------------------ reading a row
+
+    def row_caches(self, index: int) -> tuple[list[tuple[mx.array, mx.array, int]], dict[int, int]]:
+        """Row ``index``'s tokens per layer in time order ``(keys, values, first position)``,
+        and the ring index of any rotated sliding layer."""
+        sources, ring = [], {}
+        for layer_id, cache in enumerate(self.caches):
+            rules = self.spec.rules(layer_id)
+            if not self._batched:
+                plain = cache
+            elif isinstance(cache, BatchKVCache):
+                keys, values, _, left_padding, idx = cache.state
+                pad = int(left_padding[index].item())
+                sources.append((keys[index : index + 1, :, pad:idx, :], values[index : index + 1, :, pad:idx, :], 0))
+                continue
+            else:
+                plain = cache.extract(index)
+            sources.append(rules.read(plain))
+            if (r := rules.ring_index(plain)) is not None:
+                ring[layer_id] = r
+        return sources, ring
+
+    def row_tokens(self, index: int) -> int:
+        """Tokens row ``index``'s caches hold."""
+        cache = self.caches[0]
+        offset = cache.offset if not self._batched else cache.offset[index]
+        return int(offset.item()) if isinstance(offset, mx.array) else int(offset)
+
+
+_PLACEHOLDER: list[mx.array] = []
+
+
+def _placeholder() -> mx.array:
+    """Log-probabilities for a prompt's last token, which has none. Evaluated once: an unevaluated
+    one would make the first step wait for the model's forward pass instead of overlapping it."""
+    if not _PLACEHOLDER:
+        placeholder = mx.zeros((1,))
+        mx.eval(placeholder)
+        _PLACEHOLDER.append(placeholder)
+    return _PLACEHOLDER[0]
+
+
+def _eval_cache(cache: Any) -> None:
+    """Evaluate a cache's arrays (its state mixes arrays and plain numbers)."""
+    mx.eval([x for x in cache.state if isinstance(x, mx.array)])
+
+
+def _merge(caches: list[Any]) -> Any:
+    """One batch cache of several sequences' plain caches (mlx-lm's merge: left-padded to the longest)."""
+    if isinstance(caches[0], KVCache):
+        return BatchKVCache.merge(caches)
+    return BatchRotatingKVCache.merge(caches)
+
+
+def _as_batch(cache: Any) -> Any:
+    """A one-sequence batch cache holding ``cache``'s tokens (no copy for a full cache)."""
+    if isinstance(cache, KVCache):
+        keys, values, offset = cache.state
+        batch = BatchKVCache([0])
+        batch.state = (keys, values, mx.array([offset]), mx.array([0]), offset)
+        return batch
+    if isinstance(cache, RotatingKVCache):
+        return BatchRotatingKVCache.merge([cache])
+    raise TypeError(f"cannot batch a {type(cache).__name__}")
+
+
+def _growth_tokens(cache: Any) -> int:
+    """Tokens of capacity a cache adds when the next token is written."""
+    if isinstance(cache, KVCache):
+        keys, _, offset = cache.state
+        return STEP if keys is None or offset + 1 > keys.shape[2] else 0
+    if isinstance(cache, BatchKVCache):
+        keys, _, _, _, idx = cache.state
+        return STEP if keys is None or idx + 1 > keys.shape[2] else 0
+    if isinstance(cache, RotatingKVCache):
+        keys, _, offset, _, max_size, _ = cache.state
+        if keys is None or (offset >= keys.shape[2] and keys.shape[2] < max_size):
+            return min(STEP, max_size - offset)
+        return 0
+    if isinstance(cache, BatchRotatingKVCache):
+        keys, _, _, _, max_size, offset, _, _ = cache.state
+        if keys is None or (offset >= keys.shape[2] and keys.shape[2] < max_size):
+            return min(STEP, max_size - offset)
+        return 0
+    return 0
+
+
+def _grow_full(cache: Any, tokens: int = 1) -> None:
+    """Give a full cache room for ``tokens`` more, exactly as its update would (same shape, same steps)."""
+    if isinstance(cache, KVCache):
+        keys, values, prev = cache.state
+    else:
+        keys, values, offset, left_padding, prev = cache.state
+    if keys is None or prev + tokens <= keys.shape[2]:
+        return
+    if prev % STEP:
+        keys, values = keys[..., :prev, :], values[..., :prev, :]
+    batch, heads, _, k_dim = keys.shape
+    room = -(-tokens // STEP) * STEP
+    keys = mx.concatenate([keys, mx.zeros((batch, heads, room, k_dim), keys.dtype)], axis=2)
+    values = mx.concatenate([values, mx.zeros((batch, heads, room, values.shape[3]), values.dtype)], axis=2)
+    mx.eval(keys, values)
+    if isinstance(cache, KVCache):
+        cache.state = (keys, values, prev)
+    else:
+        cache.state = (keys, values, offset, left_padding, prev)
