@@ -1,0 +1,282 @@
+"""``blockpool serve``: an OpenAI- and Anthropic-compatible HTTP server with persistent agents.
+
+Under ``mlx.launch`` (``mx.distributed.init()`` sees more than one rank)
+the model is loaded tensor-parallel with mlx-lm's ``sharded_load``; rank 0
+serves HTTP and the other ranks follow it (``distributed.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from blockpool.cli import UsageError, positive_int, writable_dir
+
+HELP = "serve a model over OpenAI's and Anthropic's HTTP APIs, with agents that persist across turns and restarts"
+
+log = logging.getLogger("blockpool.server")
+
+
+def default_memory_mb() -> int:
+    """A quarter of this machine's memory, between 256 and 4096 MiB."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1024
+    return max(256, min(4096, total // 4 // (1 << 20)))
+
+
+def default_cache_dir() -> Path:
+    """``<user cache folder>/blockpool/server``."""
+    from blockpool.demo_model import user_cache_dir
+
+    return user_cache_dir() / "server"
+
+
+def _json_object(value: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"enable_thinking\": false}'")
+    return parsed
+
+
+def _port(value: str) -> int:
+    number = positive_int(value)
+    if number > 65535:
+        raise argparse.ArgumentTypeError(f"must be at most 65535, got {number}")
+    return number
+
+
+def _at_least_zero(kind: type) -> Any:
+    """argparse type: a number of ``kind`` (int or float) that is not negative."""
+
+    def parse(value: str) -> Any:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {'whole ' if kind is int else ''}number, got {value!r}") from None
+        if not number >= 0:  # NaN too
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+        return number
+
+    return parse
+
+
+_non_negative, _whole = _at_least_zero(float), _at_least_zero(int)
+
+
+def add_arguments(parser: Any) -> None:
+    """The ``blockpool serve`` flags."""
+    parser.add_argument("--model", required=True, help="model directory or Hugging Face repo id (anything mlx_lm.load takes); required")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, local clients only)")
+    parser.add_argument("--port", type=_port, default=8080, help="port to listen on (default: %(default)s)")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where agents are persisted (a subfolder per model, and per rank under mlx.launch); "
+        f"default: {default_cache_dir()}",
+    )
+    parser.add_argument(
+        "--memory-mb",
+        type=positive_int,
+        default=None,
+        help="the KV budget in MiB: all agents' caches and the running batch's (per rank under mlx.launch); "
+        f"default: a quarter of this machine's memory, at most 4096 (here {default_memory_mb()})",
+    )
+    parser.add_argument("--kv-bits", type=int, choices=(8, 4), default=None, help="store resting blocks quantized to 8 or 4 bits (default: the model's dtype)")
+    parser.add_argument("--max-tokens", type=positive_int, default=512, help="tokens to generate when a request does not say (default: %(default)s)")
+    parser.add_argument("--temp", type=_non_negative, default=0.0, help="sampling temperature when a request does not say (default: %(default)s, greedy)")
+    parser.add_argument("--top-p", type=_non_negative, default=1.0, help="nucleus sampling top-p when a request does not say (default: %(default)s, off)")
+    parser.add_argument("--top-k", type=_whole, default=0, help="top-k sampling when a request does not say (default: %(default)s, off)")
+    parser.add_argument("--min-p", type=_non_negative, default=0.0, help="min-p sampling when a request does not say (default: %(default)s, off)")
+    parser.add_argument("--max-concurrency", type=positive_int, default=32, help="most requests decoded together in the batch (default: %(default)s)")
+    parser.add_argument(
+        "--queue-limit", type=_whole, default=64, help="most requests waiting beyond --max-concurrency; past it the answer is 429 with Retry-After (default: %(default)s)"
+    )
+    parser.add_argument("--prefill-step-size", type=positive_int, default=2048, help="prompt tokens per prefill chunk (default: %(default)s)")
+    parser.add_argument(
+        "--anonymous-agents",
+        type=_whole,
+        default=8,
+        help="recent conversations of requests without X-Agent-Id or user kept in the pool, to resume them (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=_non_negative,
+        default=30.0,
+        help="on SIGTERM, seconds to let requests in flight finish before cancelling them; every agent is persisted after (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--chat-template-args",
+        type=_json_object,
+        default={},
+        help="JSON object of chat template arguments for every chat request, e.g. '{\"enable_thinking\": false}' (default: none)",
+    )
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level (default: %(default)s)")
+
+
+def run(args: Any) -> int:
+    """Load the model, build pool, engine and store, and serve until SIGTERM or Ctrl-C."""
+    import mlx.core as mx
+
+    group = mx.distributed.init()
+    rank, size = group.rank(), group.size()
+    prefix = f"[rank {rank}/{size}] " if size > 1 else ""
+    logging.basicConfig(level=getattr(logging, args.log_level), format=f"%(asctime)s %(levelname)s {prefix}%(message)s")
+    if rank == 0:
+        _check_port_free(args.host, args.port)
+    cache_root = writable_dir(args.cache_dir or default_cache_dir(), "cache directory")
+    memory_mb = args.memory_mb or default_memory_mb()
+
+    model, tokenizer = _load(args.model, size)
+    memory, cache_dir = _build_store(model, tokenizer, args, memory_mb, cache_root, rank, size)
+    from blockpool.server.distributed import Lockstep
+    from blockpool.server.runner import EngineRunner
+
+    lockstep = Lockstep(group)
+    mx.random.seed(lockstep.agree_seed())  # the same global random state on every rank
+    runner = EngineRunner(
+        memory,
+        lockstep=lockstep,
+        max_requests=args.max_concurrency + args.queue_limit,
+        anonymous_agents=args.anonymous_agents,
+    )
+    pool = memory.pool
+    log.info(
+        "model %s; KV budget %d MiB (%d blocks of %d tokens%s); agents in %s",
+        args.model,
+        memory_mb,
+        pool.total_blocks,
+        pool.block_tokens,
+        f", {args.kv_bits}-bit" if args.kv_bits else "",
+        cache_dir,
+    )
+    if rank != 0:
+        # Followers end when rank 0 tells them to (after its own drain), not on their own signals.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: log.info("signal received; waiting for rank 0 to stop"))
+        runner.follow()
+        failed = runner._failed is not None
+        log.info("stopped; agents persisted" if not failed else "stopped after an error")
+        _exit_now(1 if failed else 0)
+    _exit_now(_serve_http(runner, args, rank, size))
+    return 0  # not reached
+
+
+def _serve_http(runner: Any, args: Any, rank: int, size: int) -> int:
+    import uvicorn
+
+    from blockpool.server.app import ServerState, create_app
+    from blockpool.server.schemas import Defaults
+
+    model_path = Path(args.model).expanduser()
+    aliases = {model_path.name, str(model_path.resolve())} if model_path.exists() else set()
+    state = ServerState(
+        runner=runner,
+        model_id=args.model,
+        aliases=aliases,
+        defaults=Defaults(args.max_tokens, args.temp, min(args.top_p, 1.0), args.top_k, min(args.min_p, 1.0)),
+        chat_template_args=args.chat_template_args,
+        rank=rank,
+        world_size=size,
+    )
+    config = uvicorn.Config(
+        create_app(state),
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        log_level=args.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=args.drain_timeout,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal that stopped it once it has shut down; by then
+    # every agent is persisted, so a no-op handler lets the command exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    log.info("serving on http://%s:%d (OpenAI: /v1/chat/completions, /v1/completions; Anthropic: /v1/messages)", args.host, args.port)
+    server.run()
+    if runner.alive:  # startup failed before the lifespan stopped it
+        runner.stop()
+    failed = runner._failed is not None or not server.started
+    log.info("stopped; agents persisted" if not failed else "stopped after an error")
+    return 1 if failed else 0
+
+
+def _exit_now(status: int) -> None:
+    """End the process with ``status`` once everything is persisted, skipping interpreter teardown.
+
+    MLX 0.32 (CPU) sometimes aborts at interpreter exit ("terminate called
+    without an active exception", status -6) after MLX work ran on a thread
+    other than the main one, as the engine thread's does. Every agent is on
+    disk and the log is flushed by now, so nothing is lost by not tearing down.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UsageError(f"cannot listen on {host}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def _load(model_ref: str, size: int) -> tuple[Any, Any]:
+    if size == 1:
+        from blockpool.cli import load_model
+
+        return load_model(model_ref)
+    from mlx_lm.utils import sharded_load
+
+    try:
+        return sharded_load(model_ref)
+    except Exception as e:  # loading failures come in many types: one line
+        raise UsageError(f"cannot load model {model_ref!r} tensor-parallel: {e}") from None
+
+
+def _build_store(model: Any, tokenizer: Any, args: Any, memory_mb: int, cache_root: Path, rank: int, size: int) -> tuple[Any, Path]:
+    import re
+
+    from blockpool import AgentMemory, BlockPool, BlockPoolBatchEngine, ModelCacheSpec
+    from blockpool.errors import BlockPoolError
+    from blockpool.persistence import model_fingerprint
+
+    try:
+        spec = ModelCacheSpec.from_model(model)
+        pool = BlockPool(spec, memory_bytes=memory_mb << 20, kv_bits=args.kv_bits)
+        engine = BlockPoolBatchEngine(
+            model, tokenizer, pool, completion_batch_size=args.max_concurrency, prefill_step_size=args.prefill_step_size
+        )
+    except BlockPoolError as e:
+        raise UsageError(str(e)) from None
+    # Files of different models (and of each rank's shard) never mix: one folder each.
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(args.model).name or "model")[:48]
+    folder = f"{name}-{model_fingerprint(model, spec)[:12]}"
+    if size > 1:
+        folder += f"-tp{size}-rank{rank}"
+    cache_dir = writable_dir(cache_root / folder, "cache directory")
+    # Durable: every finished turn is written behind. Deterministic under mlx.launch:
+    # disk work is done in line, so every rank decides the same things at the same step.
+    return AgentMemory(engine, cache_dir=cache_dir, durable=True, deterministic=size > 1), cache_dir
