@@ -1,10 +1,15 @@
-"""Regression gate for the benchmarks, on ratios of medians measured in one run.
+"""Regression gate for the benchmarks, on ratios measured in one run.
 
-Usage: python bench/gate.py RESULTS.json
+Usage:
+    python bench/gate.py RESULTS.json            every check (after `bash bench/run.sh`)
+    python bench/gate.py --quick RESULTS.json    only the quick subset (CI)
+    python bench/gate.py --quick-select          the pytest -k expression of the quick subset
 
-Absolute times are not gated: this machine is shared and noisy. Each check
-compares two benchmarks of the same run. Exit 1 if any check fails or a
-benchmark it needs is missing.
+Absolute times are not gated: this machine is shared and noisy. A ratio
+check compares two medians of the same run (paired benchmarks alternate
+their two sides round by round); a bound check compares a value a benchmark
+computed from its own run (e.g. MLX's peak memory over the budget). Exit 1
+if any check fails or a benchmark it needs is missing.
 """
 
 from __future__ import annotations
@@ -27,26 +32,84 @@ class Check:
     fast: str
     slow: str
     minimum: float
+    quick: bool = False
+    #: The looser floor the quick (CI) run holds, when it differs: one short run on a shared
+    #: machine swings these ratios by about 0.1, so CI guards against regressions while the
+    #: full run holds the target.
+    quick_minimum: float | None = None
+
+
+@dataclass(frozen=True)
+class Bound:
+    """``extra_info[key]`` of one benchmark must be at most ``maximum``."""
+
+    what: str
+    group: str
+    test: str
+    key: str
+    maximum: float
+    quick: bool = False
 
 
 PAIRED_TTFT = "test_ttft_warm_engine_vs_mlx_lm_prompt_cache"
 PAIRED_DECODE = "test_decode_8_agents_engine_vs_batch_generator"
-CHECKS = [
+TTFT_1 = "TTFT, 4096 cached + 1 new tokens"
+TTFT_16 = "TTFT, 4096 cached + 16 new tokens"
+DECODE = "decode, 8 agents x 64 tokens"
+SEQUENTIAL = "multi-agent workload, sequential"
+CONCURRENT = "multi-agent workload, all agents at once"
+HEAD_TO_HEAD = "server head to head, 6 agents x 3 turns"
+PAIRED_SERVER = "test_server_head_to_head_vs_mlx_lm_server"
+
+CHECKS: list[Check | Bound] = [
     Check("native gather throughput vs one numpy.copyto (>= 0.85)", "32 blocks x 48 layers",
           "test_gather_native", "test_gather_memcpy_ceiling", 0.85),
     Check("native gather speedup over per-layer mx.concatenate (>= 3x)", "32 blocks x 48 layers",
           "test_gather_native", "test_gather_naive_concat", 3.0),
-    Check("warm TTFT vs mlx-lm prompt-cache reuse (engine at most 1.3x slower)", "TTFT, 4096 cached + 16 new tokens",
+    # The pool's own read path: 3,072 separate block arrays. Measured 0.40-0.69 of memcpy here (separate
+    # 512 KiB buffers, no huge pages): the gate only holds what was reached.
+    Check("per-block concat_blocks throughput vs one numpy.copyto (>= 0.35)", "per-block arrays, 32 blocks x 48 layers",
+          "test_concat_native", "test_concat_memcpy_ceiling", 0.35),
+    Check("per-block concat_blocks vs per-layer mx.concatenate (not slower: >= 0.9)", "per-block arrays, 32 blocks x 48 layers",
+          "test_concat_native", "test_concat_naive_concatenate", 0.9),
+    # Not met on this 2-core machine: 1.18-1.31x, of which the 2.2 MB reconstruction copy alone
+    # (DRAM-bound here) is 1.14-1.20x. CI holds 1.4x; docs/performance.md has the breakdown.
+    Check("warm TTFT, 1 new token, vs mlx-lm's kept prompt cache (engine at most 1.2x)", TTFT_1,
+          f"{PAIRED_TTFT}:engine_median_ms", f"{PAIRED_TTFT}:mlx_lm_median_ms", 1 / 1.2, quick=True,
+          quick_minimum=1 / 1.4),
+    Check("warm TTFT, 16 new tokens, vs mlx-lm's kept prompt cache (engine at most 1.3x)", TTFT_16,
           f"{PAIRED_TTFT}:engine_median_ms", f"{PAIRED_TTFT}:mlx_lm_median_ms", 1 / 1.3),
-    Check("warm TTFT speedup over cold prefill (>= 20x)", "TTFT, 4096 cached + 16 new tokens",
-          f"{PAIRED_TTFT}:engine_median_ms", "test_ttft_cold_prefill", 20.0),
-    Check("8-agent decode vs mlx-lm BatchGenerator (engine overhead at most 10%)", "decode, 8 agents x 64 tokens",
-          f"{PAIRED_DECODE}:engine_median_ms", f"{PAIRED_DECODE}:batch_generator_median_ms", 1 / 1.1),
+    Check("warm TTFT speedup over cold prefill (>= 20x)", TTFT_1,
+          f"{PAIRED_TTFT}:engine_median_ms", "test_ttft_cold_prefill", 20.0, quick=True),
+    Check("8-agent decode vs mlx-lm BatchGenerator (engine overhead at most 5%)", DECODE,
+          f"{PAIRED_DECODE}:engine_median_ms", f"{PAIRED_DECODE}:batch_generator_median_ms", 1 / 1.05, quick=True,
+          quick_minimum=1 / 1.12),
+    Check("workload, sequential, vs mlx-lm server's LRUPromptCache (wall at most 1.0x)", SEQUENTIAL,
+          "test_blockpool_from_pool:wall_median_ms", "test_mlx_lm_server_lru_prompt_cache:wall_median_ms", 1.0, quick=True,
+          quick_minimum=1 / 1.15),
+    Check("workload, all agents at once, vs mlx-lm's server pattern (wall at most 1.0x)", CONCURRENT,
+          "test_blockpool_all_at_once:wall_median_ms", "test_mlx_lm_server_pattern_all_at_once:wall_median_ms", 1.0, quick=True,
+          quick_minimum=1 / 1.15),
+    Check("blockpool serve vs mlx_lm.server, same multi-agent chat workload (wall at most 1.0x)", HEAD_TO_HEAD,
+          f"{PAIRED_SERVER}:blockpool_median_ms", f"{PAIRED_SERVER}:mlx_lm_server_median_ms", 1.0),
+    Bound("workload peak MLX memory, pool (<= 1.05 x budget + activations)", SEQUENTIAL,
+          "test_blockpool_from_pool", "peak_over_bound", 1.0, quick=True),
+    Bound("workload peak MLX memory, disk (<= 1.05 x budget + activations)", SEQUENTIAL,
+          "test_blockpool_from_disk", "peak_over_bound", 1.0),
+    Bound("workload peak MLX memory, all at once (<= 1.05 x budget + activations)", CONCURRENT,
+          "test_blockpool_all_at_once", "peak_over_bound", 1.0, quick=True),
 ]
+
+#: The benchmarks the quick subset runs (pytest -k).
+QUICK_SELECT = (
+    "test_ttft_warm_engine_vs_mlx_lm_prompt_cache or test_ttft_cold_prefill or test_decode_8_agents "
+    "or test_blockpool_from_pool or test_mlx_lm_server_lru_prompt_cache "
+    "or test_blockpool_all_at_once or test_mlx_lm_server_pattern_all_at_once"
+)
 
 
 def medians(results: dict) -> dict[tuple[str, str], float]:
-    """Medians in seconds, by (group, name) and (group, "test:key") for paired medians."""
+    """Medians in seconds, by (group, name) and (group, "test:key") for medians stored in extra_info."""
     out = {}
     for b in results["benchmarks"]:
         name = b["name"].split("[")[0]
@@ -57,29 +120,53 @@ def medians(results: dict) -> dict[tuple[str, str], float]:
     return out
 
 
-def check(results: dict) -> list[str]:
-    """Print each ratio; return the failed checks as sentences (empty when all pass)."""
-    m = medians(results)
+def extra(results: dict) -> dict[tuple[str, str], dict]:
+    return {(b["group"], b["name"].split("[")[0]): b["extra_info"] for b in results["benchmarks"]}
+
+
+def check(results: dict, quick: bool = False) -> list[str]:
+    """Print each check; return the failed ones as sentences (empty when all pass)."""
+    m, info = medians(results), extra(results)
     failures = []
     for c in CHECKS:
+        if quick and not c.quick:
+            continue
+        if isinstance(c, Bound):
+            value = info.get((c.group, c.test), {}).get(c.key)
+            if value is None:
+                failures.append(f"{c.what}: missing {c.test}:{c.key} in group {c.group!r}")
+                continue
+            ok = value <= c.maximum
+            print(f"[{'ok' if ok else 'FAIL'}] {c.what}: {value:.2f} (need <= {c.maximum:.2f})")
+            if not ok:
+                failures.append(f"{c.what}: {value:.2f} > {c.maximum:.2f}")
+            continue
         fast, slow = m.get((c.group, c.fast)), m.get((c.group, c.slow))
         if fast is None or slow is None:
             failures.append(f"{c.what}: missing {c.fast} or {c.slow} in group {c.group!r}")
             continue
         ratio = slow / fast
-        status = "ok" if ratio >= c.minimum else "FAIL"
-        print(f"[{status}] {c.what}: ratio {ratio:.2f} (need >= {c.minimum:.2f})")
-        if ratio < c.minimum:
-            failures.append(f"{c.what}: ratio {ratio:.2f} < {c.minimum:.2f}")
+        minimum = c.quick_minimum if quick and c.quick_minimum is not None else c.minimum
+        ok = ratio >= minimum
+        note = "" if minimum == c.minimum else f"; the target, {c.minimum:.2f}, is {'met' if ratio >= c.minimum else 'NOT met'}"
+        print(f"[{'ok' if ok else 'FAIL'}] {c.what}: ratio {ratio:.2f} (need >= {minimum:.2f}{note})")
+        if not ok:
+            failures.append(f"{c.what}: ratio {ratio:.2f} < {minimum:.2f}")
     return failures
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
+    args = argv[1:]
+    if args == ["--quick-select"]:
+        print(QUICK_SELECT)
+        return 0
+    quick = "--quick" in args
+    paths = [a for a in args if a != "--quick"]
+    if len(paths) != 1:
         print(__doc__, file=sys.stderr)
         return 2
-    with open(argv[1]) as f:
-        failures = check(json.load(f))
+    with open(paths[0]) as f:
+        failures = check(json.load(f), quick)
     for failure in failures:
         print(f"GATE FAILED: {failure}", file=sys.stderr)
     if not failures:
