@@ -1,4 +1,4 @@
-"""``blockpool doctor``: versions, devices, and which backend the block ops use on each."""
+"""``blockpool doctor``: versions, devices, which backend the block ops use on each, and a self-check of them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-HELP = "print versions, devices and the block ops' backend per device"
+HELP = "print versions, devices, the block ops' backend per device, and check each op against its reference"
 
 
 def add_arguments(parser: Any) -> None:
@@ -59,6 +59,10 @@ def report() -> list[tuple[str, str]]:
         summary = ops.backend(device)
         detail = "" if len(set(per_op.values())) == 1 else " (" + ", ".join(f"{k}: {v}" for k, v in per_op.items()) + ")"
         rows.append((f"block ops on {device}", summary + detail))
+        checked = ops.verify(device)
+        failed = {op: why for op, why in checked.items() if why != "ok"}
+        verdict = f"all {len(checked)} ops equal the reference" if not failed else "; ".join(f"{k}: {v}" for k, v in failed.items())
+        rows.append((f"self-check on {device}", verdict))
     return rows
 
 

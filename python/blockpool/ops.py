@@ -65,6 +65,7 @@ __all__ = [
     "native_gpu_kernels",
     "scatter_blocks",
     "split_blocks",
+    "verify",
 ]
 
 Backend = Literal["native", "reference"]
@@ -463,6 +464,31 @@ def _flatten(result: Any) -> list[mx.array]:
     if isinstance(result, mx.array):
         return [result]
     return [a for item in result for a in _flatten(item)]
+
+
+def verify(device: mx.Device | mx.DeviceType | None = None) -> dict[str, str]:
+    """Run every op as callers get it (through :func:`backend`'s choice) on a small case and
+    compare it with the pure-MLX reference, bit for bit.
+
+    Returns:
+        Per op, ``"ok"`` or why it failed. ``blockpool doctor`` prints it.
+    """
+    dev = _device_of(device)
+    results = {}
+    for op in OPS:
+        try:
+            with mx.stream(dev):
+                args, kwargs, expected = _self_check_cases(op)
+                got = _flatten(globals()[op](*args, stream=dev, **kwargs))
+                want = _flatten(expected())
+                mx.eval(got, want)
+            same = len(got) == len(want) and all(
+                g.shape == w.shape and g.dtype == w.dtype and mx.array_equal(g, w).item() for g, w in zip(got, want)
+            )
+            results[op] = "ok" if same else "differs from the reference"
+        except Exception as e:  # a report, not a crash: say what failed
+            results[op] = f"{type(e).__name__}: {e}"
+    return results
 
 
 def _self_check(op: str, device: mx.Device) -> Backend:

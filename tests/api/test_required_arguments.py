@@ -636,6 +636,11 @@ def _(w):
     assert ops.backend() is not None
 
 
+@row("ops.verify")
+def _(w):
+    assert ops.verify() == dict.fromkeys(ops.OPS, "ok")
+
+
 # ------------------------------------------------------------------ prompts
 
 

@@ -175,13 +175,24 @@ def test_doctor_prints_versions_devices_and_backends(capsys, monkeypatch):
     assert lines["CPU copy threads"] == str(_ext.num_copy_threads())
     assert lines["Metal kernels in this build"] == _ext.metal_build_status
     assert lines[f"block ops on {mx.Device(mx.cpu)}"] == "native"
+    assert lines[f"self-check on {mx.Device(mx.cpu)}"] == f"all {len(ops.OPS)} ops equal the reference"
+
+
+def test_verify_names_an_op_that_disagrees_with_its_reference(monkeypatch):
+    real = ops.concat_blocks
+    monkeypatch.setattr(ops, "concat_blocks", lambda *a, **k: [x + 1 for x in real(*a, **k)])
+    monkeypatch.setattr(ops, "split_blocks", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("kernel fault")))
+    result = ops.verify()
+    assert result["concat_blocks"] == "differs from the reference"
+    assert result["split_blocks"] == "RuntimeError: kernel fault"
+    assert all(result[op] == "ok" for op in ops.OPS if op not in ("concat_blocks", "split_blocks"))
 
 
 def test_doctor_reports_reference_mode_and_refuses_a_bad_mode(capsys, monkeypatch):
     monkeypatch.setenv(ops.ENV_VAR, "reference")
     assert cli.main(["doctor"]) == 0
-    out = capsys.readouterr().out
-    assert f"block ops on {mx.Device(mx.cpu)}  reference" in out
+    lines = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in capsys.readouterr().out.splitlines())
+    assert lines[f"block ops on {mx.Device(mx.cpu)}"] == "reference"
     monkeypatch.setenv(ops.ENV_VAR, "bogus")
     assert cli.main(["doctor"]) == 2
     assert "BLOCKPOOL_OPS must be" in capsys.readouterr().err
