@@ -72,8 +72,8 @@ CHECKS: list[Check | Bound] = [
           "test_concat_native", "test_concat_memcpy_ceiling", 0.35),
     Check("per-block concat_blocks vs per-layer mx.concatenate (not slower: >= 0.9)", "per-block arrays, 32 blocks x 48 layers",
           "test_concat_native", "test_concat_naive_concatenate", 0.9),
-    # Not met on this 2-core machine: 1.18-1.31x, of which the 2.2 MB reconstruction copy alone
-    # (DRAM-bound here) is 1.14-1.20x. CI holds 1.4x; docs/performance.md has the breakdown.
+    # Met in some runs here, not all: 1.18-1.31x. mlx-lm itself on caches rebuilt from the blocks,
+    # in the same rounds, takes 1.15-1.20x (the copy out of the blocks). CI holds 1.4x.
     Check("warm TTFT, 1 new token, vs mlx-lm's kept prompt cache (engine at most 1.2x)", TTFT_1,
           f"{PAIRED_TTFT}:engine_median_ms", f"{PAIRED_TTFT}:mlx_lm_median_ms", 1 / 1.2, quick=True,
           quick_minimum=1 / 1.4),
@@ -91,7 +91,7 @@ CHECKS: list[Check | Bound] = [
           "test_blockpool_all_at_once:wall_median_ms", "test_mlx_lm_server_pattern_all_at_once:wall_median_ms", 1.0, quick=True,
           quick_minimum=1 / 1.15),
     Check("blockpool serve vs mlx_lm.server, same multi-agent chat workload (wall at most 1.0x)", HEAD_TO_HEAD,
-          f"{PAIRED_SERVER}:blockpool_median_ms", f"{PAIRED_SERVER}:mlx_lm_server_median_ms", 1.0),
+          f"{PAIRED_SERVER}:blockpool_median_ms", f"{PAIRED_SERVER}:mlx_lm_server_median_ms", 1.0, quick=True),
     Bound("workload peak MLX memory, pool (<= 1.05 x budget + activations)", SEQUENTIAL,
           "test_blockpool_from_pool", "peak_over_bound", 1.0, quick=True),
     Bound("workload peak MLX memory, disk (<= 1.05 x budget + activations)", SEQUENTIAL,
@@ -104,7 +104,8 @@ CHECKS: list[Check | Bound] = [
 QUICK_SELECT = (
     "test_ttft_warm_engine_vs_mlx_lm_prompt_cache or test_ttft_cold_prefill or test_decode_8_agents "
     "or test_blockpool_from_pool or test_mlx_lm_server_lru_prompt_cache "
-    "or test_blockpool_all_at_once or test_mlx_lm_server_pattern_all_at_once"
+    "or test_blockpool_all_at_once or test_mlx_lm_server_pattern_all_at_once "
+    "or test_server_head_to_head_vs_mlx_lm_server"
 )
 
 

@@ -225,13 +225,18 @@ def test_requests_from_another_thread_join_the_running_batch(llama):
         order.append(("short-submitted", engine.submit("short", tokens(8, 12), max_tokens=5)))
         submitted.set()
 
+    thread = threading.Thread(target=late_submit)
+    long_tokens = 0
     for event in engine.stream():
-        if event.uid == long_uid and len(order) == 0 and event.token is not None:
-            thread = threading.Thread(target=late_submit)
-            thread.start()
-            thread.join()
+        if event.uid == long_uid and event.token is not None:
+            long_tokens += 1
+            if long_tokens == 1:
+                thread.start()  # submits while this loop keeps decoding
+            elif long_tokens == 20:
+                assert submitted.wait(10)  # by now it has (the lock is never held for long)
         if event.completion:
             order.append((event.completion.agent_id, event.completion))
+    thread.join()
     names = [name for name, _ in order]
     assert submitted.is_set() and names == ["short-submitted", "short", "long"]
     for name, completion in order[1:]:
@@ -276,13 +281,18 @@ def test_fifty_random_sequences_leak_nothing(llama):
     rng = random.Random(0)
     start = pool.available_blocks()
     caches: dict[str, AgentBlocks] = {}
+    refused = 0
     for step in range(50):
         uids = []
         for agent in rng.sample(["a", "b", "c", "d"], rng.randint(1, 3)):
+            cache = caches.pop(agent, None)
+            max_tokens = 100_000 if rng.random() < 0.15 else rng.randint(1, 12)  # 100,000 can never fit in 40 blocks
             try:
-                uids.append(engine.submit(agent, tokens(rng.randint(1, 60), step), cache=caches.pop(agent, None), max_tokens=rng.randint(1, 12)))
+                uids.append(engine.submit(agent, tokens(rng.randint(1, 60), step), cache=cache, max_tokens=max_tokens))
             except PoolExhaustedError:
-                pass
+                refused += 1
+                if cache is not None:
+                    caches[agent] = cache  # a refused submit changes nothing: the handle stays the agent's
         if uids and rng.random() < 0.3:
             engine.cancel(rng.choice(uids), free_blocks=rng.random() < 0.5)
         for done in engine.step():
@@ -295,4 +305,5 @@ def test_fifty_random_sequences_leak_nothing(llama):
         pool.check_invariants()
     for blocks in caches.values():
         pool.release(blocks)
+    assert refused > 0  # the refusal path ran
     assert pool.available_blocks() == start
