@@ -10,8 +10,9 @@ prefix (a common system prompt), and the most recent anonymous
 conversations are kept as agents of their own (``anonymous-...``) so that a
 client that resends a conversation with one more turn resumes it, from the
 longest common token prefix, as ``mlx_lm.server``'s prompt cache does.
-Anonymous agents are never written behind; the oldest is dropped past a
-limit.
+Anonymous agents are written behind like any agent; the oldest is dropped
+past a limit, and the runner deletes their files then, at shutdown and at
+startup.
 """
 
 from __future__ import annotations
