@@ -1,7 +1,9 @@
 """``blockpool demo``: several agents, several turns, caches that persist.
 
 Each agent talks over several turns, interleaved with the others, with a
-shared system prompt and a growing history, through ``AgentMemory``. Every
+shared system prompt and a growing history, through ``AgentMemory``. By
+default it runs the shipped model (trained on Python's standard library):
+each turn asks an agent for a function and prints the code it writes. Every
 turn reports where the agent's cache came from (pool, disk, shared or
 cold), the time to first token, the decode speed and the pool's occupancy.
 Unless ``--no-cold`` is given, every turn's prompt is also prefilled cold
@@ -15,14 +17,61 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from textwrap import indent
 from typing import Any
 
-from blockpool.cli import load_model, positive_int, writable_dir
-from blockpool.demo_model import corpus, user_cache_dir
+from blockpool.cli import UsageError, load_model, positive_int, writable_dir
+from blockpool.demo_model import user_cache_dir
 
 HELP = "run a multi-agent, multi-turn scenario and show the cache at work"
 
 ROLES = ["planner", "coder", "reviewer", "tester", "writer", "critic", "scout", "archivist"]
+
+# The shared system prompt: the same for every agent, so its blocks are shared.
+# The shipped model learned chat turns of this shape (tools/train_tiny_model.py):
+# a system line, "Write name(args). summary", and code as the answer.
+SYSTEM = (
+    "You are one agent of a team that maintains the Python standard library. "
+    "Reply with Python code. The module you work on today:\n\n"
+    "import os\nimport re\n\n_HEADER = re.compile(r'^([A-Za-z-]+):\\s*(.*)$')\n\n\n"
+    "class Message:\n"
+    "    \"\"\"A parsed message: headers and a body.\"\"\"\n\n"
+    "    def __init__(self, headers=None, body=''):\n"
+    "        self.headers = dict(headers or {})\n"
+    "        self.body = body\n\n"
+    "    def get(self, name, default=None):\n"
+    "        \"\"\"Return the value of header *name*, or *default*.\"\"\"\n"
+    "        return self.headers.get(name.lower(), default)\n\n\n"
+    "class MessageError(ValueError):\n"
+    "    \"\"\"Raised when a message cannot be parsed.\"\"\"\n\n\n"
+    "def read_message(path):\n"
+    "    \"\"\"Read the message stored in the file at *path*.\"\"\"\n"
+    "    with open(path, encoding='utf-8') as f:\n"
+    "        return parse_message(f.read())\n\n\n"
+    "def header_names(message):\n"
+    "    \"\"\"Return the sorted list of the header names of *message*.\"\"\"\n"
+    "    names = []\n"
+    "    for name in message.headers:\n"
+    "        if name not in names:\n"
+    "            names.append(name)\n"
+    "    return sorted(names)\n"
+)
+
+# One task per turn and agent: "Write name(args). summary", as in training.
+TASKS = [
+    ("parse_header", "line", "Split a header line into its name and value."),
+    ("parse_message", "text", "Parse the headers and the body of a message."),
+    ("format_header", "name, value", "Return a header line for *name* and *value*."),
+    ("write_message", "message, path", "Write *message* to the file at *path*."),
+    ("is_valid_name", "name", "Return True if *name* is a valid header name."),
+    ("split_lines", "text, keepends=False", "Split *text* into a list of lines."),
+    ("quote", "value", "Quote *value* if it contains special characters."),
+    ("unquote", "value", "Remove the quotes around *value*."),
+    ("get_encoding", "message", "Return the encoding of the message body."),
+    ("join_headers", "headers", "Join a dict of headers into a string."),
+    ("copy_message", "message", "Return a copy of *message*."),
+    ("find_messages", "directory", "Return the paths of the messages in *directory*."),
+]
 
 
 @dataclass
@@ -54,6 +103,7 @@ def run_demo(
     cache_dir: Path,
     out_dir: Path,
     compare_cold: bool,
+    show_text: bool = True,
     echo=print,
     progress=None,
 ) -> list[TurnRecord]:
@@ -62,26 +112,25 @@ def run_demo(
     from mlx_lm.models.cache import make_prompt_cache
 
     from blockpool import AgentMemory, BlockPool, BlockPoolBatchEngine, ModelCacheSpec
+    from blockpool.working_memory import request_bytes
 
     spec = ModelCacheSpec.from_model(model)
-    text = corpus(400)
-    system = "You are one agent of a team. Shared notes: " + " ".join(text[:40])
     if budget_bytes is None:  # room for about one and a half agents: the others wait on disk
-        final = len(tokenizer.encode(system)) + turns * (80 + max_tokens)
-        budget_bytes = spec.bytes_for_tokens(final) * 3 // 2
+        final = len(tokenizer.encode(SYSTEM)) + turns * (40 + max_tokens)
+        budget_bytes = request_bytes(spec, final) * 3 // 2  # working caches count too (see working_memory.py)
     pool = BlockPool(spec, memory_bytes=budget_bytes)
     memory = AgentMemory(BlockPoolBatchEngine(model, tokenizer, pool), cache_dir=cache_dir)
     names = agent_names(agents)
-    conversations = {name: [{"role": "system", "content": system}] for name in names}
+    conversations = {name: [{"role": "system", "content": SYSTEM}] for name in names}
     records: list[TurnRecord] = []
     echo(f"pool: {pool.total_blocks} blocks of {spec.block_tokens} tokens ({pool.total_bytes / 2**20:.1f} MiB), agents on disk in {cache_dir}")
     echo(f"{'turn':>4} {'agent':<10} {'context':>7} {'cache':<7} {'reused':>6} {'TTFT ms':>8} {'cold ms':>8} {'tok/s':>7} {'pool':>9}")
-    line = 40
+    task = 0
     for turn in range(turns):
         for name in names:
-            user = " ".join(text[line : line + 2])
-            line = (line + 2) % (len(text) - 2)
-            conversations[name].append({"role": "user", "content": f"Turn {turn + 1}: {user}"})
+            function, args, summary = TASKS[task % len(TASKS)]
+            task += 1
+            conversations[name].append({"role": "user", "content": f"Write {function}({args}). {summary}"})
             tokens = memory.tokenize(conversations[name])
             start = time.perf_counter()
             uid = memory.submit(name, tokens, max_tokens=max_tokens)
@@ -116,6 +165,9 @@ def run_demo(
                 f"{record.turn:>4} {name:<10} {record.context_tokens:>7} {record.cache:<7} {record.reused_tokens:>6} "
                 f"{record.ttft_ms:8.1f} {cold} {record.tokens_per_s:7.0f} {record.pool_used_blocks:>4}/{record.pool_total_blocks:<4}"
             )
+            if show_text:
+                echo(f"       task: {conversations[name][-2]['content']}")
+                echo(indent(done.text.rstrip() or "(nothing)", "       > "))
             if progress is not None:
                 progress()
     memory.close()  # flushes every agent to disk and frees the pool
@@ -180,14 +232,15 @@ def plot_ttft(records: list[TurnRecord], path: Path) -> None:
 
 def add_arguments(parser: Any) -> None:
     """The ``blockpool demo`` flags."""
-    parser.add_argument("--model", help="a path or Hugging Face repo mlx_lm.load takes (default: a small random-weight demo model)")
+    parser.add_argument("--model", help="a path or Hugging Face repo mlx_lm.load takes (default: the shipped model, trained on Python's stdlib)")
     parser.add_argument("--agents", "-n", type=positive_int, default=3, help="number of agents (default 3)")
     parser.add_argument("--turns", "-t", type=positive_int, default=3, help="turns per agent (default 3)")
-    parser.add_argument("--max-tokens", type=positive_int, default=24, help="tokens generated per turn (default 24)")
-    parser.add_argument("--budget-mb", type=positive_int, help="pool size in MiB (default: about two agents, so the rest spill to disk)")
+    parser.add_argument("--max-tokens", type=positive_int, default=48, help="tokens generated per turn (default 48)")
+    parser.add_argument("--budget-mb", type=positive_int, help="pool size in MiB (default: about one and a half agents, so the rest wait on disk)")
     parser.add_argument("--cache-dir", type=Path, help="where agents persist (default: the user cache directory)")
     parser.add_argument("--out", type=Path, default=Path("blockpool-demo"), help="where the table and plot go (default ./blockpool-demo)")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-prefill comparison")
+    parser.add_argument("--no-text", action="store_true", help="do not print what the agents write")
 
 
 def run(args: Any) -> int:
@@ -210,6 +263,7 @@ def run(args: Any) -> int:
             cache_dir=cache_dir,
             out_dir=out_dir,
             compare_cold=not args.no_cold,
+            show_text=not args.no_text,
             echo=tqdm.write,
             progress=bar.update,
         )
@@ -222,9 +276,12 @@ def _load(model_ref: str | None):
 
         from blockpool.demo_model import demo_model_dir
 
-        print("model: the default demo model (llama-like, random weights, tokenizer trained here).")
-        print("NOTE: its text is meaningless. It exists only to show the cache mechanics;")
-        print("      pass --model with a real model (e.g. an mlx-community repo on a Mac) for real text.")
-        return load(str(demo_model_dir()))
+        try:
+            path = demo_model_dir()
+        except FileNotFoundError as e:
+            raise UsageError(str(e)) from None
+        print(f"model: the shipped {path.name} (llama, 4 layers, trained on Python's standard library; it writes")
+        print("       stdlib-like code, not working code). --model takes any model mlx_lm.load takes.")
+        return load(str(path))
     print(f"model: {model_ref}")
     return load_model(model_ref)

@@ -1,10 +1,18 @@
-"""A small model to show the cache mechanics without a download.
+"""The models that run without a download.
 
-It has a real architecture (llama) and random weights, and a byte-level BPE
-tokenizer trained here on a few hundred lines of generated text. Its output
-is meaningless text: it exists to exercise caching, not to answer. It is
-written as an ordinary model directory (``config.json``,
-``model.safetensors``, ``tokenizer.json``) and loaded with ``mlx_lm.load``.
+- The shipped models (:func:`trained_model_dir`): a 4.6M-parameter llama trained
+  on the Python standard library's source (``tools/train_tiny_model.py``, the
+  record in ``training.json`` and ``docs/quality.md``), stored as float16
+  safetensors inside the package, and a sliding-window variant of it.
+  ``blockpool demo`` runs the first: its agents write Python-looking code. It
+  is small, not smart: the code reads like the stdlib and does not work.
+- Random-weight models (:func:`build_model`, :func:`write_model_dir`) of any
+  mlx-lm architecture, with a byte-level BPE tokenizer trained here on a few
+  hundred lines of generated text. Their text is meaningless; the test suite
+  uses them because their near-tied logits make exactness tests harder.
+
+Both are ordinary model directories (``config.json``, ``model.safetensors``,
+``tokenizer.json``) loaded with ``mlx_lm.load``.
 """
 
 from __future__ import annotations
@@ -12,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +34,8 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-#: The demo's model: llama, 4 layers, hidden 128, 2 KV heads of 32.
-DEMO_CONFIG: dict[str, Any] = {
+#: The default random-weight model of :func:`write_model_dir`: llama, 4 layers, hidden 128, 2 KV heads of 32.
+RANDOM_LLAMA_CONFIG: dict[str, Any] = {
     "model_type": "llama",
     "vocab_size": VOCAB_SIZE,
     "hidden_size": 128,
@@ -96,7 +103,7 @@ def build_model(config: dict[str, Any], dtype: mx.Dtype = mx.float32, seed: int 
     return model
 
 
-def write_model_dir(path: Path, config: dict[str, Any] = DEMO_CONFIG, dtype: mx.Dtype = mx.float32, seed: int = 0) -> Path:
+def write_model_dir(path: Path, config: dict[str, Any] = RANDOM_LLAMA_CONFIG, dtype: mx.Dtype = mx.float32, seed: int = 0) -> Path:
     """Write a model directory that ``mlx_lm.load`` takes, and return its path."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -132,17 +139,35 @@ def user_cache_dir() -> Path:
     return base / "blockpool"
 
 
-def demo_model_dir() -> Path:
-    """The demo model's directory, built on first use and reused after."""
-    path = user_cache_dir() / "demo-model-v1"
-    if not (path / "config.json").exists():
-        staging = path.with_name(path.name + f".partial-{os.getpid()}")
-        write_model_dir(staging)
-        try:
-            os.replace(staging, path)
-        except OSError:  # another process finished first
-            shutil.rmtree(staging, ignore_errors=True)
+TRAINED_MODEL = "stdlib-llama-4m"
+#: The same model fine-tuned with layers 0 and 2 limited to a 128-token sliding window.
+SLIDING_WINDOW_MODEL = "stdlib-llama-4m-swa"
+
+
+def trained_model_dir(name: str = TRAINED_MODEL) -> Path:
+    """A shipped model's directory (package data), for ``mlx_lm.load``.
+
+    Args:
+        name: ``TRAINED_MODEL`` (the demo's) or ``SLIDING_WINDOW_MODEL``.
+
+    Raises:
+        FileNotFoundError: There is no such model, or the package was
+            installed without its model files.
+    """
+    path = Path(__file__).parent / "models" / name
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"the shipped model {name!r} is missing from {path.parent}: reinstall mlx-blockpool")
     return path
+
+
+def training_record(name: str = TRAINED_MODEL) -> dict[str, Any]:
+    """How a shipped model was trained: seed, corpus, hyperparameters, loss curve, conversion check."""
+    return json.loads((trained_model_dir(name) / "training.json").read_text())
+
+
+def demo_model_dir() -> Path:
+    """The demo's default model: the shipped trained one."""
+    return trained_model_dir()
 
 
 def _has_null(value: Any) -> bool:
