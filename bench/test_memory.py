@@ -104,6 +104,7 @@ def _resume(benchmark, memory, history, where: str):
     def first_token(prompt):
         memory.submit("agent", prompt, max_tokens=1)
         (done,) = list(memory.step())
+        assert done.error is None and done.finish_reason == "length" and len(done.token_ids) == 1
         assert done.cache_source == where and done.prompt_tokens == 16
 
     benchmark.group = "TTFT, 4096 history + 16 new tokens, AgentMemory"
@@ -130,6 +131,7 @@ def test_ttft_cold(benchmark, memory):
     def first_token(agent, prompt):
         store.submit(agent, prompt, max_tokens=1)
         (done,) = list(store.step())
+        assert done.error is None and len(done.token_ids) == 1
         assert done.cache_source == "cold"
         store.forget(agent)
 
@@ -152,7 +154,8 @@ def test_agents_in_budget_blockpool(benchmark, llama):
         memory = AgentMemory(BlockPoolBatchEngine(model, tokenizer, pool))  # no disk: eviction drops
         for i in range(AGENTS):
             memory.submit(f"agent-{i}", system + tokens(OWN, 10 + i), max_tokens=8)
-            list(memory.step())
+            (done,) = list(memory.step())
+            assert done.error is None and done.token_ids
         hot = memory.stats().hot_agents
         memory.close()
         return hot, pool.total_bytes

@@ -159,7 +159,7 @@ class DeferredCache:
     token_ids: list[int]
     fetch: Callable[[], AgentBlocks | AgentFile | None]
     prefetch: Callable[[], None] = lambda: None
-    pool_bytes: int = 0  # bytes its blocks take once in the pool (for admission), if known
+    pool_bytes: int = 0  # bytes admitting it adds to the budget (a file still to be read), if known
 
 
 @dataclass(eq=False)
@@ -846,7 +846,7 @@ class BlockPoolBatchEngine:
                     + self._layer_estimate(max(longest, self._batch_tokens()), len(self._batch) + rows) + extra + bytes_in)
             if not group:
                 if not self._room_for(need):
-                    self._check_not_stuck(request)
+                    self._check_not_stuck(request, need)
                     return False
             elif not self.pool.make_room(need, reclaim=False):
                 break  # batch only what fits as it is: never spill to prefill more at once
@@ -899,7 +899,7 @@ class BlockPoolBatchEngine:
         need = self._working_estimate(total) + self._join_estimate(total, 1) + self._layer_estimate(
             max(total, self._batch_tokens()), len(self._batch) + 1)
         if not self._room_for(need):
-            self._check_not_stuck(request)
+            self._check_not_stuck(request, need)
             return False
         with self._lock:
             if not self._waiting or self._waiting[0] is not request:
@@ -1005,7 +1005,7 @@ class BlockPoolBatchEngine:
         longest = max(total, self._batch_tokens())
         return max(0, self._working_estimate(longest, len(self._batch) + rows) - self._batch.nbytes)
 
-    def _check_not_stuck(self, request: _Request) -> None:
+    def _check_not_stuck(self, request: _Request, need: int) -> None:
         """End the head request if nothing running or pending can ever make room for it.
 
         Not while completions wait to be handed out: their owner may free
@@ -1020,10 +1020,13 @@ class BlockPoolBatchEngine:
             if not self._waiting or self._waiting[0] is not request:
                 return
             self._waiting.popleft()
+        unit = self.pool.total_bytes / self.pool.total_blocks  # the pool's block, on average over layers
         error = PoolExhaustedError(
-            self._blocks_for_request(request.keep, len(request.prompt), request.max_tokens),
+            -(-need // int(unit)),
             self.pool.available_blocks(),
-            "and nothing running or reclaimable can free more: the rest of the pool is held by other agents' caches",
+            "(in block-sized units: its new blocks, working cache and copies in flight) to start, and nothing "
+            "running or reclaimable can free more: the rest of the pool is held outside the engine (callers' "
+            "handles, other agents' caches)",
         )
         self._end_without_output(request, "error", error)
 

@@ -247,11 +247,14 @@ class AgentMemory:
                     queued.charge = object()
                     if not self.pool.charge(queued.charge, queued.file.nbytes):
                         queued.file, queued.charge = None, None  # read back when the request is next in line
+                # What admitting it adds to the budget: nothing for blocks already in the pool or a
+                # file already charged; a file still on disk is read into memory then.
+                in_memory = hot is not None or queued.charge is not None
                 source = DeferredCache(
                     agent_id, self.spec, list(tokens[:keep]),
                     fetch=functools.partial(self._fetch, agent_id),
                     prefetch=functools.partial(self._prefetch, agent_id),
-                    pool_bytes=self._blocks_bytes(keep),
+                    pool_bytes=0 if in_memory else self._blocks_bytes(keep),
                 )
                 self._queued[agent_id] = queued
             else:

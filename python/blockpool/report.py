@@ -69,10 +69,10 @@ def paired_table(results: dict[str, Any]) -> str:
 
 
 def workload_table(results: dict[str, Any]) -> str:
-    """The side-by-side multi-agent workload: one row per contender."""
+    """The side-by-side multi-agent workloads: one row per contender, grouped by workload."""
     rows = [
-        "| contender | total wall s | median TTFT ms | max TTFT ms | peak KV held MiB | agents in budget |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| workload | contender | total wall s | median TTFT ms | max TTFT ms | peak KV held MiB | MLX peak / bound |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for b in results["benchmarks"]:
         info = b["extra_info"]
@@ -80,9 +80,10 @@ def workload_table(results: dict[str, Any]) -> str:
             continue
         ttfts = sorted(t for _, t in info["series"])
         median = ttfts[len(ttfts) // 2]
+        bound = f"{info['peak_over_bound']:.2f}" if "peak_over_bound" in info else "-"
         rows.append(
-            f"| {info['contender']} | {info['wall_s']:.2f} | {median:.1f} | {ttfts[-1]:.1f} | "
-            f"{info['peak_kv_bytes'] / 2**20:.2f} | {info['agents_in_budget']} |"
+            f"| {b['group']} | {info['contender']} | {info['wall_s']:.2f} | {median:.1f} | {ttfts[-1]:.1f} | "
+            f"{info['peak_kv_bytes'] / 2**20:.2f} | {bound} |"
         )
     return "\n".join(rows)
 

@@ -143,3 +143,27 @@ def test_a_cancelled_turn_never_shortens_the_agents_file(load_tiny, tmp_path):
     assert again.cache_source == "disk" and again.cached_tokens == len(history)
     assert again.token_ids == mlx_lm_tokens(model, tokenizer, follow, 6)
     restarted.close()
+
+
+def test_a_hot_agent_resumes_in_a_budget_that_holds_it_once(load_tiny, tmp_path):
+    """The budget holds the agent's blocks and one request's working memory, not the blocks twice:
+    resuming from the pool must not count blocks it already holds (it once did, and every resume
+    failed with PoolExhaustedError in a budget like this one)."""
+    model, tokenizer = load_tiny("llama")
+    spec = ModelCacheSpec.from_model(model)
+    history, new, generated = 1000, 16, 4
+    engine_probe = BlockPoolBatchEngine(model, tokenizer, BlockPool(spec, num_blocks=8))
+    final = history + 3 * (new + generated)  # the longest request of the test
+    budget = engine_probe.request_bytes(final, 0, 0) + 2 * engine_probe.pool.bytes_per_block(0)
+    _, _, pool, memory = store(load_tiny, tmp_path, budget=budget)
+    first = tokens(history - generated, 40)
+    done = turn(memory, "a", first, max_tokens=generated)
+    assert done.finish_reason == "length"
+    for round_ in range(3):
+        prompt = first + done.token_ids + tokens(new, 41 + round_)
+        done = turn(memory, "a", prompt, max_tokens=generated)
+        assert done.error is None and done.cache_source == "pool", (done.finish_reason, done.error)
+        assert done.token_ids == mlx_lm_tokens(model, tokenizer, prompt, generated)
+        first = prompt
+    memory.close()
+    assert pool.stats().used_bytes == 0
