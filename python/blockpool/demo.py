@@ -115,9 +115,11 @@ def run_demo(
     from blockpool.working_memory import request_bytes
 
     spec = ModelCacheSpec.from_model(model)
-    if budget_bytes is None:  # room for about one and a half agents: the others wait on disk
+    if budget_bytes is None:
+        # Room for one running request (its blocks, working cache and copies: working_memory.py) and
+        # half an idle agent more: while one agent runs, the others wait on disk.
         final = len(tokenizer.encode(SYSTEM)) + turns * (40 + max_tokens)
-        budget_bytes = request_bytes(spec, final) * 3 // 2  # working caches count too (see working_memory.py)
+        budget_bytes = request_bytes(spec, final) + spec.bytes_for_tokens(final) // 2
     pool = BlockPool(spec, memory_bytes=budget_bytes)
     memory = AgentMemory(BlockPoolBatchEngine(model, tokenizer, pool), cache_dir=cache_dir)
     names = agent_names(agents)
@@ -236,7 +238,7 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--agents", "-n", type=positive_int, default=3, help="number of agents (default 3)")
     parser.add_argument("--turns", "-t", type=positive_int, default=3, help="turns per agent (default 3)")
     parser.add_argument("--max-tokens", type=positive_int, default=48, help="tokens generated per turn (default 48)")
-    parser.add_argument("--budget-mb", type=positive_int, help="pool size in MiB (default: about one and a half agents, so the rest wait on disk)")
+    parser.add_argument("--budget-mb", type=positive_int, help="pool size in MiB (default: one running agent and half an idle one, so the rest wait on disk)")
     parser.add_argument("--cache-dir", type=Path, help="where agents persist (default: the user cache directory)")
     parser.add_argument("--out", type=Path, default=Path("blockpool-demo"), help="where the table and plot go (default ./blockpool-demo)")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-prefill comparison")
