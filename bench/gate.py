@@ -91,7 +91,8 @@ CHECKS: list[Check | Bound] = [
           "test_blockpool_all_at_once:wall_median_ms", "test_mlx_lm_server_pattern_all_at_once:wall_median_ms", 1.0, quick=True,
           quick_minimum=1 / 1.15),
     Check("blockpool serve vs mlx_lm.server, same multi-agent chat workload (wall at most 1.0x)", HEAD_TO_HEAD,
-          f"{PAIRED_SERVER}:blockpool_median_ms", f"{PAIRED_SERVER}:mlx_lm_server_median_ms", 1.0, quick=True),
+          f"{PAIRED_SERVER}:blockpool_median_ms", f"{PAIRED_SERVER}:mlx_lm_server_median_ms", 1.0, quick=True,
+          quick_minimum=1 / 1.15),  # 0.66x to 0.99x over the day's runs: the two servers share 2 cores
     Bound("workload peak MLX memory, pool (<= 1.05 x budget + activations)", SEQUENTIAL,
           "test_blockpool_from_pool", "peak_over_bound", 1.0, quick=True),
     Bound("workload peak MLX memory, disk (<= 1.05 x budget + activations)", SEQUENTIAL,
