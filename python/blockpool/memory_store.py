@@ -250,11 +250,12 @@ class AgentMemory:
                 # What admitting it adds to the budget: nothing for blocks already in the pool or a
                 # file already charged; a file still on disk is read into memory then.
                 in_memory = hot is not None or queued.charge is not None
+                to_read = 0 if in_memory else self.spec.bytes_for_tokens(keep, self.pool.kv_bits, self.pool.kv_group_size)
                 source = DeferredCache(
                     agent_id, self.spec, list(tokens[:keep]),
                     fetch=functools.partial(self._fetch, agent_id),
                     prefetch=functools.partial(self._prefetch, agent_id),
-                    pool_bytes=0 if in_memory else self._blocks_bytes(keep),
+                    pool_bytes=to_read,
                 )
                 self._queued[agent_id] = queued
             else:
@@ -737,9 +738,6 @@ class AgentMemory:
             moved = quarantine(path)
             raise CacheCorruptionError(f"{path} holds agent {file.agent_id!r}, not {agent_id!r} (moved aside to {moved.name})")
         return file
-
-    def _blocks_bytes(self, tokens: int) -> int:
-        return sum(self.spec.blocks_held(i, tokens) * self.pool.bytes_per_block(i) for i in range(self.spec.num_layers))
 
 
 def _exported(pool: Any, blocks: AgentBlocks, fingerprint: str) -> AgentFile:
