@@ -28,7 +28,7 @@ from blockpool.generate import (
     generate,
     stream_generate,
 )
-from blockpool.memory_store import AgentMemory, MemoryStats
+from blockpool.store import AgentMemory, MemoryStats
 from blockpool.ops import gather_blocks, scatter_blocks
 from blockpool.pool import AgentUsage, BlockPool, BlockWrite, PoolStats
 from blockpool.spec import BLOCK_TOKENS, Geometry, LayerSpec, ModelCacheSpec

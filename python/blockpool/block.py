@@ -35,9 +35,10 @@ class AgentBlocks:
         ring_index: For sliding layers whose mlx-lm cache was a full ring,
             the ring's write index, so the cache is rebuilt in the same
             physical order and decoding continues bit for bit.
-        valid_from: For sliding layers, the first position whose tokens the
-            blocks really hold (older positions of the first block may never
-            have been written). Defaults to the window's start.
+        valid_from: Per layer, the first position whose tokens the blocks
+            really hold (a sliding layer's first block may hold older
+            positions that were never written). Defaults to the first
+            position the layer needs.
         pool_id: The pool that issued the handle (None for a handle built
             by hand). The engine refuses a handle from another pool.
         generation: Issued by the pool, increasing per agent. A handle is
@@ -76,7 +77,7 @@ class AgentBlocks:
                     f"layer {layer_id} ({spec.layers[layer_id].attention}) holds {len(blocks)} blocks; "
                     f"{self.total_tokens} tokens need {hi - lo}"
                 )
-            needed = spec.rules(layer_id).first_needed(self.total_tokens)
+            needed = spec.kind(layer_id).first_needed(self.total_tokens)
             if self.valid_start(layer_id) > needed:
                 raise ValueError(f"layer {layer_id} does not hold the tokens from position {needed} on")
 
@@ -86,12 +87,9 @@ class AgentBlocks:
         return hi - len(self.blocks[layer_id])
 
     def valid_start(self, layer_id: int) -> int:
-        """First position whose tokens a layer's blocks hold (0 for a full layer)."""
-        rules = self.spec.rules(layer_id)
-        if rules.window is None:
-            return 0
+        """First position whose tokens a layer's blocks hold (0 for a layer that keeps every token)."""
         first = self.first_block(layer_id) * self.spec.block_tokens
-        return max(first, self.valid_from.get(layer_id, rules.first_needed(self.total_tokens)))
+        return max(first, self.valid_from.get(layer_id, self.spec.kind(layer_id).first_needed(self.total_tokens)))
 
     def all_blocks(self) -> Iterator[KVBlock]:
         """Every block of every layer."""

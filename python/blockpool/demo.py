@@ -112,7 +112,7 @@ def run_demo(
     from mlx_lm.models.cache import make_prompt_cache
 
     from blockpool import AgentMemory, BlockPool, BlockPoolBatchEngine, ModelCacheSpec
-    from blockpool.working_memory import request_bytes
+    from blockpool.engine.working_memory import request_bytes
 
     spec = ModelCacheSpec.from_model(model)
     if budget_bytes is None:

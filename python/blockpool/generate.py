@@ -45,7 +45,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from blockpool.cache_conversion import to_mlx_caches
 from blockpool.engine import BlockPoolBatchEngine
 from blockpool.errors import InvalidRequestError
-from blockpool.memory_store import AgentMemory
+from blockpool.store import AgentMemory
 from blockpool.pool import BlockPool
 from blockpool.prompt import to_token_ids, vocab_size_of
 from blockpool.spec import ModelCacheSpec

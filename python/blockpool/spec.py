@@ -7,10 +7,9 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache
 
-from blockpool.attention import AttentionRules, rules_for
-from blockpool.errors import UnsupportedModelError
+from blockpool.kinds import CacheKind, kind_for, kind_of_cache
 
 #: Tokens per block; matches mlx-lm's ``KVCache.step``.
 BLOCK_TOKENS = 256
@@ -61,14 +60,19 @@ class LayerSpec:
     window: int | None = None
 
     @property
-    def rules(self) -> AttentionRules:
-        """The layer's attention rules: what it keeps and how its cache is rebuilt."""
-        return rules_for(self.window)
+    def kind(self) -> CacheKind:
+        """The layer's cache kind: what it keeps and how its cache moves between the pool and mlx-lm."""
+        return kind_for(self.window)
+
+    @property
+    def rules(self) -> CacheKind:
+        """The layer's cache kind (its earlier name)."""
+        return self.kind
 
     @property
     def attention(self) -> str:
-        """``"full"`` or ``"sliding"``."""
-        return self.rules.name
+        """The kind's name: ``"full"`` or ``"sliding"``."""
+        return self.kind.name
 
     @property
     def kv_heads(self) -> int:
@@ -112,14 +116,14 @@ class ModelCacheSpec:
         table is needed.
 
         Raises:
-            UnsupportedModelError: A layer's cache is not a ``KVCache`` or a
-                ``RotatingKVCache`` without kept tokens.
+            UnsupportedModelError: A layer's cache is of a kind no handler
+                stores (:func:`blockpool.kinds.kind_of_cache`).
         """
         caches = make_prompt_cache(model)
-        windows = [_window_of(i, c) for i, c in enumerate(caches)]
+        kinds = [kind_of_cache(i, c) for i, c in enumerate(caches)]
         model(mx.array([[0]]), cache=caches)
         layers = []
-        for cache, window in zip(caches, windows):
+        for cache, kind in zip(caches, kinds):
             keys, values = cache.keys, cache.values
             geometry = Geometry(
                 kv_heads=keys.shape[1],
@@ -127,7 +131,7 @@ class ModelCacheSpec:
                 v_head_dim=values.shape[3],
                 dtype=str(keys.dtype).removeprefix("mlx.core."),
             )
-            layers.append(LayerSpec(geometry, window))
+            layers.append(LayerSpec(geometry, kind.window))
         return cls(tuple(layers))
 
     @property
@@ -147,9 +151,13 @@ class ModelCacheSpec:
         """Bytes of one block of a layer (K and V for ``block_tokens`` tokens), as stored."""
         return self.layers[layer_id].geometry.bytes_per_block(self.block_tokens, kv_bits, group_size)
 
-    def rules(self, layer_id: int) -> AttentionRules:
-        """The attention rules of a layer."""
-        return self.layers[layer_id].rules
+    def kind(self, layer_id: int) -> CacheKind:
+        """The cache kind of a layer."""
+        return self.layers[layer_id].kind
+
+    def rules(self, layer_id: int) -> CacheKind:
+        """The cache kind of a layer (its earlier name)."""
+        return self.layers[layer_id].kind
 
     def max_blocks(self, layer_id: int) -> int | None:
         """Most blocks a layer ever holds: ``ceil(window / B) + 1`` if sliding, else None."""
@@ -184,7 +192,7 @@ class ModelCacheSpec:
                     "k_head_dim": l.k_head_dim,
                     "v_head_dim": l.v_head_dim,
                     "dtype": l.dtype,
-                    "window": l.window,
+                    **l.kind.describe(),
                 }
                 for l in self.layers
             ],
@@ -198,15 +206,3 @@ class ModelCacheSpec:
         )
         return cls(layers, block_tokens=data["block_tokens"])
 
-
-def _window_of(layer_id: int, cache: Any) -> int | None:
-    # Exact type checks: subclasses (e.g. ChunkedKVCache) change the semantics.
-    if type(cache) is KVCache:
-        return None
-    if type(cache) is RotatingKVCache and cache.keep == 0:
-        return cache.max_size
-    detail = f" with keep={cache.keep}" if type(cache) is RotatingKVCache else ""
-    raise UnsupportedModelError(
-        f"layer {layer_id} uses {type(cache).__name__}{detail}; blockpool stores only plain "
-        "attention KV caches (KVCache, or RotatingKVCache without kept tokens)"
-    )

@@ -507,11 +507,12 @@ def _(w):
     assert spec.num_layers == 2 and ModelCacheSpec.from_dict(spec.to_dict()) == spec
 
 
-@row("ModelCacheSpec.from_model", "ModelCacheSpec.geometry_index", "ModelCacheSpec.layers_of", "ModelCacheSpec.rules")
+@row("ModelCacheSpec.from_model", "ModelCacheSpec.geometry_index", "ModelCacheSpec.layers_of", "ModelCacheSpec.rules",
+     "ModelCacheSpec.kind")
 def _(w):
     spec = ModelCacheSpec.from_model(w.model)
     assert spec == w.spec and spec.geometry_index(1) == 0 and spec.layers_of(0) == [0, 1]
-    assert spec.rules(0).name == "full"
+    assert spec.rules(0).name == "full" and spec.kind(0) is spec.rules(0)
 
 
 @row("ModelCacheSpec.bytes_per_block", "ModelCacheSpec.max_blocks", "ModelCacheSpec.blocks_held",

@@ -18,7 +18,7 @@ import uuid
 from typing import Any
 
 from blockpool.server.api_errors import bad_request
-from blockpool.server.runner import Outcome
+from blockpool.server.tickets import Outcome
 from blockpool.server.schemas import MessagesRequest
 
 

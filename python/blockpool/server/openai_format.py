@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from blockpool.server.runner import Outcome, TokenLogprob
+from blockpool.server.tickets import Outcome, TokenLogprob
 
 TokenText = Callable[[int], str]
 

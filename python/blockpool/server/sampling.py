@@ -26,7 +26,7 @@ from mlx_lm.sample_utils import (
     make_sampler,
 )
 
-from blockpool.engine import LogitsProcessor, Sampler
+from blockpool.engine.batch import LogitsProcessor, Sampler
 
 
 @dataclass

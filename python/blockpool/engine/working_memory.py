@@ -1,8 +1,9 @@
 """How much memory a running request takes: the rules the engine budgets with.
 
 A running request holds its history in its blocks and a working copy in
-mlx-lm's caches (a full layer's capacity grows in steps of 256 tokens; a
-sliding layer holds its window, plus a prefill chunk while it prefills), and
+mlx-lm's caches (each layer's capacity is its cache kind's
+``working_tokens``: a full layer's grows in steps of 256 tokens, a sliding
+layer holds its window, plus a prefill chunk while it prefills), and
 while the batch changes shape one layer is copied at a time. These
 estimates are what the engine charges before it admits, grows or joins, and
 what ``request_bytes`` reports: the most a request can take alone.
@@ -10,7 +11,6 @@ what ``request_bytes`` reports: the most a request can take alone.
 
 from __future__ import annotations
 
-from blockpool.attention import blocks_for
 from blockpool.spec import ModelCacheSpec
 
 
@@ -34,11 +34,7 @@ class WorkingMemory:
         self._token_bytes = [token_bytes(spec, i) for i in range(spec.num_layers)]
 
     def _layer_tokens(self, layer_id: int, total: int) -> int:
-        b = self.spec.block_tokens
-        window = self.spec.rules(layer_id).window
-        if window is None:
-            return blocks_for(total + 1, b) * b  # room for the next token, in whole steps
-        return window + b + min(self.prefill_step_size, total)
+        return self.spec.kind(layer_id).working_tokens(total, self.spec.block_tokens, self.prefill_step_size)
 
     def caches(self, total: int, rows: int = 1) -> int:
         """Bytes of ``rows`` sequences' caches at ``total`` tokens (the batch pads every row to the longest)."""

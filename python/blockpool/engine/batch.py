@@ -1,5 +1,9 @@
 """The running batch: the sequences decoding together, and their working caches.
 
+Every per-layer cache operation (merging, growing, reading a row) is asked
+of the layer's cache kind (:mod:`blockpool.kinds`), so nothing here depends
+on which kinds a model uses.
+
 The decode step mirrors mlx-lm's own generation loop (``GenerationBatch``
 and ``generate_step``): the model runs on the batch's last tokens, logits
 processors and samplers are applied per sequence, and the next step is
@@ -23,24 +27,15 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import (
-    BatchKVCache,
-    BatchRotatingKVCache,
-    KVCache,
-    RotatingKVCache,
-    TokenBuffer,
-)
+from mlx_lm.models.cache import TokenBuffer
 from mlx_lm.sample_utils import greedy_sampler
 
+from blockpool.engine.working_memory import token_bytes
+from blockpool.kinds import Source
 from blockpool.spec import ModelCacheSpec
-from blockpool.working_memory import token_bytes
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
-
-#: Tokens a cache grows by when it is full (mlx-lm's ``KVCache.step``).
-STEP = KVCache.step
-
 
 @dataclass
 class Row:
@@ -69,6 +64,7 @@ class DecodeBatch:
 
     def __init__(self, model: nn.Module, spec: ModelCacheSpec):
         self.model, self.spec = model, spec
+        self._kinds = [spec.kind(i) for i in range(spec.num_layers)]
         self._token_bytes = [token_bytes(spec, i) for i in range(spec.num_layers)]
         self.rows: list[Row] = []
         self.caches: list[Any] | None = None
@@ -95,7 +91,7 @@ class DecodeBatch:
             merged = []
             for layer_id in range(spec.num_layers):
                 column = [c[layer_id] for c in caches]
-                cache = _merge(column)
+                cache = batch._kinds[layer_id].merge(column)
                 _eval_cache(cache)
                 for c in caches:
                     c[layer_id] = None  # each layer's single caches can go as soon as they are merged
@@ -117,9 +113,8 @@ class DecodeBatch:
             self.model(tokens, cache=self.caches)
             mx.eval([c.state for c in self.caches])
             return longest
-        for cache in self.caches:  # room for the chunk now, one layer at a time (merged caches have none spare)
-            if isinstance(cache, BatchKVCache):
-                _grow_full(cache, longest)
+        for kind, cache in zip(self._kinds, self.caches):  # room for the chunk now, one layer at a time
+            kind.grow(cache, longest)
         padding = [longest - n for n in lengths]
         tokens = mx.array([c + [0] * p for c, p in zip(chunks, padding)], dtype=mx.uint32)
         if max(padding):
@@ -141,9 +136,8 @@ class DecodeBatch:
             self._next_tokens, self._next_logprobs = other._next_tokens, other._next_logprobs
             return
         if not self._batched:
-            self.caches = [_as_batch(c) for c in self.caches]
-            self._batched = True
-        incoming = other.caches if other._batched else [_as_batch(c) for c in other.caches]
+            self._batch_up()
+        incoming = other.caches if other._batched else [k.as_batch(c) for k, c in zip(self._kinds, other.caches)]
         other.caches = None
         for i, mine in enumerate(self.caches):
             mine.extend(incoming[i])
@@ -152,6 +146,11 @@ class DecodeBatch:
         self.rows += other.rows
         self._next_tokens = mx.concatenate([self._next_tokens, other._next_tokens])
         self._next_logprobs = self._next_logprobs + other._next_logprobs
+
+    def _batch_up(self) -> None:
+        """Move a lone sequence's plain caches into one-row batch caches."""
+        self.caches = [k.as_batch(c) for k, c in zip(self._kinds, self.caches)]
+        self._batched = True
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -214,9 +213,8 @@ class DecodeBatch:
             self._next_tokens, self._next_logprobs = next_token.reshape(-1), [next_logprobs]
             return
         if not self._batched:
-            self.caches = [_as_batch(c) for c in self.caches]
-            self._batched = True
-        incoming = [_as_batch(c) for c in caches]
+            self._batch_up()
+        incoming = [k.as_batch(c) for k, c in zip(self._kinds, caches)]
         caches.clear()  # the batch holds the only reference: each layer's copy can be freed as it goes
         for i, (mine, theirs) in enumerate(zip(self.caches, incoming)):
             mine.extend(theirs)
@@ -247,10 +245,8 @@ class DecodeBatch:
         if not self.rows:
             return 0
         extra = 0
-        for layer_id, cache in enumerate(self.caches):
-            need = _growth_tokens(cache)
-            if need:
-                extra += need * len(self.rows) * self._token_bytes[layer_id]
+        for layer_id, (kind, cache) in enumerate(zip(self._kinds, self.caches)):
+            extra += kind.growth_tokens(cache) * len(self.rows) * self._token_bytes[layer_id]
         return extra
 
     def grow(self) -> None:
@@ -261,31 +257,22 @@ class DecodeBatch:
         layer, keeps that copy to one layer. The new shape is the one mlx-lm
         would make, so the model sees the same arrays.
         """
-        for cache in self.caches or []:
-            if isinstance(cache, (KVCache, BatchKVCache)):
-                _grow_full(cache)
-            elif _growth_tokens(cache):
-                continue  # a sliding cache grows inside the model call; it is bounded by its window
+        for kind, cache in zip(self._kinds, self.caches or []):
+            kind.grow(cache)
 
     # ------------------------------------------------------------ reading a row
 
-    def row_caches(self, index: int) -> tuple[list[tuple[mx.array, mx.array, int]], dict[int, int]]:
+    def row_caches(self, index: int) -> tuple[list[Source], dict[int, int]]:
         """Row ``index``'s tokens per layer in time order ``(keys, values, first position)``,
         and the ring index of any rotated sliding layer."""
         sources, ring = [], {}
-        for layer_id, cache in enumerate(self.caches):
-            rules = self.spec.rules(layer_id)
-            if not self._batched:
-                plain = cache
-            elif isinstance(cache, BatchKVCache):
-                keys, values, _, left_padding, idx = cache.state
-                pad = int(left_padding[index].item())
-                sources.append((keys[index : index + 1, :, pad:idx, :], values[index : index + 1, :, pad:idx, :], 0))
-                continue
+        for layer_id, (kind, cache) in enumerate(zip(self._kinds, self.caches)):
+            if self._batched:
+                source, r = kind.read_row(cache, index)
             else:
-                plain = cache.extract(index)
-            sources.append(rules.read(plain))
-            if (r := rules.ring_index(plain)) is not None:
+                source, r = kind.read(cache), kind.ring_index(cache)
+            sources.append(source)
+            if r is not None:
                 ring[layer_id] = r
         return sources, ring
 
@@ -312,64 +299,3 @@ def _placeholder() -> mx.array:
 def _eval_cache(cache: Any) -> None:
     """Evaluate a cache's arrays (its state mixes arrays and plain numbers)."""
     mx.eval([x for x in cache.state if isinstance(x, mx.array)])
-
-
-def _merge(caches: list[Any]) -> Any:
-    """One batch cache of several sequences' plain caches (mlx-lm's merge: left-padded to the longest)."""
-    if isinstance(caches[0], KVCache):
-        return BatchKVCache.merge(caches)
-    return BatchRotatingKVCache.merge(caches)
-
-
-def _as_batch(cache: Any) -> Any:
-    """A one-sequence batch cache holding ``cache``'s tokens (no copy for a full cache)."""
-    if isinstance(cache, KVCache):
-        keys, values, offset = cache.state
-        batch = BatchKVCache([0])
-        batch.state = (keys, values, mx.array([offset]), mx.array([0]), offset)
-        return batch
-    if isinstance(cache, RotatingKVCache):
-        return BatchRotatingKVCache.merge([cache])
-    raise TypeError(f"cannot batch a {type(cache).__name__}")
-
-
-def _growth_tokens(cache: Any) -> int:
-    """Tokens of capacity a cache adds when the next token is written."""
-    if isinstance(cache, KVCache):
-        keys, _, offset = cache.state
-        return STEP if keys is None or offset + 1 > keys.shape[2] else 0
-    if isinstance(cache, BatchKVCache):
-        keys, _, _, _, idx = cache.state
-        return STEP if keys is None or idx + 1 > keys.shape[2] else 0
-    if isinstance(cache, RotatingKVCache):
-        keys, _, offset, _, max_size, _ = cache.state
-        if keys is None or (offset >= keys.shape[2] and keys.shape[2] < max_size):
-            return min(STEP, max_size - offset)
-        return 0
-    if isinstance(cache, BatchRotatingKVCache):
-        keys, _, _, _, max_size, offset, _, _ = cache.state
-        if keys is None or (offset >= keys.shape[2] and keys.shape[2] < max_size):
-            return min(STEP, max_size - offset)
-        return 0
-    return 0
-
-
-def _grow_full(cache: Any, tokens: int = 1) -> None:
-    """Give a full cache room for ``tokens`` more, exactly as its update would (same shape, same steps)."""
-    if isinstance(cache, KVCache):
-        keys, values, prev = cache.state
-    else:
-        keys, values, offset, left_padding, prev = cache.state
-    if keys is None or prev + tokens <= keys.shape[2]:
-        return
-    if prev % STEP:
-        keys, values = keys[..., :prev, :], values[..., :prev, :]
-    batch, heads, _, k_dim = keys.shape
-    room = -(-tokens // STEP) * STEP
-    keys = mx.concatenate([keys, mx.zeros((batch, heads, room, k_dim), keys.dtype)], axis=2)
-    values = mx.concatenate([values, mx.zeros((batch, heads, room, values.shape[3]), values.dtype)], axis=2)
-    mx.eval(keys, values)
-    if isinstance(cache, KVCache):
-        cache.state = (keys, values, prev)
-    else:
-        cache.state = (keys, values, offset, left_padding, prev)

@@ -75,12 +75,13 @@ class PrefixIndex:
         spec = self.pool.spec
         b = spec.block_tokens
         keys = chain_hashes(tokens, max(0, limit) // b, b)
-        full_layers = [i for i, layer in enumerate(spec.layers) if layer.window is None]
+        # Layers that keep every block need every block of the chain: it ends where one is missing.
+        unbounded = [i for i in range(spec.num_layers) if spec.max_blocks(i) is None]
         chain: list[dict[int, tuple[KVBlock, int]]] = []
         for key in keys:
             entry = self._entries.get(key, {})
             live = {layer: (blk, valid) for layer, (blk, gen, valid) in entry.items() if self._alive(blk, gen)}
-            if not all(layer in live for layer in full_layers):
+            if not all(layer in live for layer in unbounded):
                 break
             chain.append(live)
         for j in range(len(chain) - 1, -1, -1):  # longest first
@@ -88,7 +89,7 @@ class PrefixIndex:
             blocks: dict[int, list[KVBlock]] = {}
             for layer_id, layer in enumerate(spec.layers):
                 lo, hi = spec.block_range(layer_id, length)
-                needed_from = spec.rules(layer_id).first_needed(length)
+                needed_from = spec.kind(layer_id).first_needed(length)
                 picked = [chain[i].get(layer_id) for i in range(lo, hi)]
                 if any(p is None or p[1] > max(needed_from, i * b) for i, p in zip(range(lo, hi), picked)):
                     break
@@ -98,9 +99,9 @@ class PrefixIndex:
         return 0, {}
 
     def valid_from(self, blocks: dict[int, list[KVBlock]], length: int) -> dict[int, int]:
-        """For a prefix :meth:`lookup` returned, the first position each sliding layer's blocks hold."""
+        """For a prefix :meth:`lookup` returned, the first position each layer's blocks hold."""
         spec = self.pool.spec
-        return {i: spec.rules(i).first_needed(length) for i in range(spec.num_layers) if spec.rules(i).window is not None}
+        return {i: spec.kind(i).first_needed(length) for i in range(spec.num_layers)}
 
     def _alive(self, block: KVBlock, generation: int, valid_from: int = 0) -> bool:
         return self.pool.is_live(block, generation)

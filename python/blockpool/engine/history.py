@@ -1,0 +1,204 @@
+"""A request's history: what it resumes from, checked at submit, brought into the pool at admission.
+
+A request resumes from one of:
+
+- an :class:`~blockpool.block.AgentBlocks` handle (the agent's blocks in
+  this pool; consumed by the submit);
+- an :class:`~blockpool.persistence.AgentFile` (an agent loaded from disk:
+  its arrays go straight into the request's caches, and its blocks are
+  written at the end of the request with its new tokens);
+- a :class:`HistorySource` (the store's queued agent): fetched only when
+  the request is admitted, so that its owner may move it (spill it to
+  disk) while the request waits;
+- nothing (a cold request).
+
+If a history can no longer serve the prefix the request resumes from (it
+was dropped while the request waited, or a sliding layer lost the window),
+it is prefilled again instead: slower, never wrong. On a failure or a
+cancel, the caller gets back the history as it was before the request.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from blockpool.block import AgentBlocks
+from blockpool.cache_conversion import can_resume, file_to_mlx_caches, to_mlx_caches, truncate
+from blockpool.errors import GenerationError, IncompatibleCacheError, InvalidRequestError
+from blockpool.persistence import AgentFile
+from blockpool.spec import ModelCacheSpec
+
+
+@runtime_checkable
+class HistorySource(Protocol):
+    """A history the engine fetches only when its request is admitted.
+
+    ``token_ids`` are the history tokens the request resumes from.
+    ``fetch()`` is called once, on the engine's thread, at admission, and
+    returns what holds them: a handle, an ``AgentFile``, or None if they
+    were dropped meanwhile (they are then prefilled again). ``prefetch()``
+    is called while the request is next in line, so that a disk read can
+    start before it is needed. ``bytes()`` is what admitting it adds to the
+    budget now: 0 once its data is in the pool or already charged, else
+    the bytes a read will bring in.
+    """
+
+    agent_id: str
+    spec: ModelCacheSpec
+    token_ids: list[int]
+
+    def fetch(self) -> AgentBlocks | AgentFile | None: ...
+
+    def prefetch(self) -> None: ...
+
+    def bytes(self) -> int: ...
+
+
+Source = AgentBlocks | AgentFile | HistorySource
+
+
+@dataclass(eq=False)
+class History:
+    """Where one request's history is, from submit until its caches are built."""
+
+    source: Source | None  # what the request resumes from, as submitted
+    tokens: list[int]  # the history's token ids the request resumes from
+    base: AgentBlocks | None = None  # the history in the pool, from admission on
+    file: AgentFile | None = None  # a history read from disk, until its caches are built
+
+    @property
+    def keep(self) -> int:
+        """History tokens resumed rather than prefilled."""
+        return len(self.tokens)
+
+
+def check_source(spec: ModelCacheSpec, pool: Any, agent_id: str, cache: Any, keep_tokens: int | None) -> list[int]:
+    """Validate what a request resumes from; returns the history's token ids it keeps.
+
+    Raises:
+        InvalidRequestError: A stale, consumed or foreign handle, another
+            agent's cache, or a bad ``keep_tokens``.
+        IncompatibleCacheError: The cache was made for another model, layout or quantization.
+    """
+    if cache is None:
+        if keep_tokens not in (None, 0):
+            raise InvalidRequestError("keep_tokens needs a cache to keep tokens of")
+        return []
+    if isinstance(cache, AgentBlocks):
+        if cache.spec != spec:
+            raise IncompatibleCacheError("the cache was made for another model's cache layout")
+        if cache.pool_id is not None and cache.pool_id != pool.id:
+            raise InvalidRequestError("the cache handle belongs to another pool")
+        if cache.consumed or not pool.is_current(cache):
+            raise InvalidRequestError(
+                "this cache handle is stale (already submitted, or a newer one was issued): pass the newest one"
+            )
+        if not pool.holds(cache.agent_id, cache.all_blocks()):
+            raise InvalidRequestError("the cache's blocks are no longer held by the agent (freed or stale)")
+    elif isinstance(cache, AgentFile):
+        if cache.spec != spec:
+            raise IncompatibleCacheError("the agent file was written for another model's cache layout")
+        if (cache.kv_bits, cache.kv_group_size if cache.kv_bits else None) != (
+            pool.kv_bits,
+            pool.kv_group_size if pool.kv_bits else None,
+        ):
+            raise IncompatibleCacheError(f"the agent file was stored with kv_bits={cache.kv_bits}, the pool uses {pool.kv_bits}")
+    elif isinstance(cache, HistorySource):
+        if cache.spec != spec:
+            raise IncompatibleCacheError("the cache was made for another model's cache layout")
+        if keep_tokens not in (None, len(cache.token_ids)):
+            raise InvalidRequestError("a deferred history keeps exactly its token_ids")
+        keep_tokens = None
+    else:
+        raise InvalidRequestError(f"cache must be AgentBlocks, got {type(cache).__name__}")
+    if cache.agent_id != agent_id:
+        raise InvalidRequestError(f"the cache belongs to agent {cache.agent_id!r}, not {agent_id!r}")
+    total = len(cache.token_ids)
+    keep = total if keep_tokens is None else keep_tokens
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep <= total:
+        raise InvalidRequestError(f"keep_tokens must be an integer in [0, {total}], got {keep_tokens!r}")
+    return list(cache.token_ids[:keep])
+
+
+def in_transit_bytes(history: History) -> int:
+    """Memory a waiting request's history adds at admission: a file it brings, a deferred history still to read."""
+    if history.base is not None:
+        return 0
+    if isinstance(history.source, AgentFile):
+        return history.source.nbytes
+    if isinstance(history.source, HistorySource):
+        history.source.prefetch()
+        return history.source.bytes()
+    return 0
+
+
+def materialize(request: Any, spec: ModelCacheSpec, pool: Any) -> None:
+    """Bring the request's history into the pool at admission: fetch a deferred one, cut a handle to what it keeps.
+
+    A file is kept aside to go straight into the caches (one copy). A
+    history that cannot serve the kept prefix is dropped, and its tokens
+    join the prompt.
+    """
+    history = request.history
+    source = history.source
+    if isinstance(source, HistorySource):
+        source = source.fetch()
+        if source is not None:
+            check_source(spec, pool, request.agent_id, source, history.keep)
+            if list(source.token_ids[: history.keep]) != history.tokens:
+                raise GenerationError("the deferred history does not hold the tokens it promised")
+    if isinstance(source, AgentFile) and can_resume(source, history.keep):
+        history.file, history.base = source, AgentBlocks.empty(request.agent_id, spec)
+        return
+    base = None
+    if isinstance(source, AgentBlocks):
+        base = source if history.keep == source.total_tokens else truncate(pool, source, history.keep)
+        if base is None:
+            pool.release(source)
+    if base is None:
+        prefill_again(request)
+        base = AgentBlocks.empty(request.agent_id, spec)
+    history.base = base
+
+
+def prefill_again(request: Any) -> None:
+    """The history is gone (or cannot serve the prefix): its tokens are prefilled with the prompt."""
+    request.prompt = request.history.tokens + request.prompt
+    request.history.tokens = []
+
+
+def rebuild_caches(request: Any, spec: ModelCacheSpec, pool: Any, spare: int) -> list[Any]:
+    """The request's caches, rebuilt from its history (one copy), with room for ``spare`` more tokens."""
+    history = request.history
+    if history.base is None:
+        materialize(request, spec, pool)
+    if history.file is not None:
+        caches = file_to_mlx_caches(history.file, history.keep, spare_tokens=spare)
+        history.file = None
+        return caches
+    if history.base.total_tokens:
+        return to_mlx_caches(pool, history.base, spare_tokens=spare)
+    return [spec.kind(i).new_cache() for i in range(spec.num_layers)]
+
+
+def hand_back(pool: Any, history: History) -> AgentBlocks | None:
+    """The handle a request that ends without output gives back: its history as it was before the request."""
+    if history.base is not None:
+        blocks = reissue(pool, history.base)
+        if blocks.total_tokens > history.keep:  # preempted: give back the history before the request
+            blocks = truncate(pool, blocks, history.keep) or blocks
+        return blocks
+    if isinstance(history.source, AgentBlocks):  # never admitted: the handle comes back whole
+        return reissue(pool, history.source)
+    return None
+
+
+def reissue(pool: Any, handle: AgentBlocks) -> AgentBlocks:
+    """A fresh handle to the same blocks (the submitted one was consumed)."""
+    fresh = copy.copy(handle)
+    fresh.consumed = False
+    fresh.pool_id = pool.id
+    fresh.generation = pool.new_handle_generation(handle.agent_id)
+    return fresh

@@ -1,0 +1,336 @@
+"""The stepper: carries out the scheduler's decisions, one iteration at a time.
+
+An iteration ends flagged cancels, runs one decode step of the running
+batch (growing it first, preempting the youngest rows the scheduler picks
+if it cannot grow), then admits what the scheduler says and runs one
+prefill chunk of the admitted group; once a group's prompts are in, their
+first tokens are launched and they join the running batch. The model runs
+only inside :class:`~blockpool.engine.batch.DecodeBatch`, which the stepper
+drives.
+
+A finished row's tokens that its agent's blocks do not hold yet are
+written back (:func:`~blockpool.cache_conversion.extend_blocks`); a
+preempted row's too, so that it resumes later exactly where it stopped. A
+failure inside the model (or Ctrl-C) ends the requests it touched, keeping
+their histories, and is re-raised if it was not an ``Exception``.
+
+Memory: after every change the batch's working caches are charged to the
+pool (plus the room kept for a prefilling group to join), so the budget
+sees what is really held.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import generation_stream
+from mlx_lm.generate_utils import BatchCounters
+
+from blockpool.block import AgentBlocks
+from blockpool.cache_conversion import extend_blocks, plan_extension
+from blockpool.engine.batch import DecodeBatch, Row
+from blockpool.engine.history import rebuild_caches
+from blockpool.engine.output import Endings, EventQueue, on_token
+from blockpool.engine.scheduler import Admit, Readmit, Refuse, Scheduler
+from blockpool.engine.types import Request
+from blockpool.errors import GenerationError
+
+
+@dataclass(eq=False)
+class PromptBatch:
+    """Requests admitted together: their prompts are prefilled as one batch, then join the running batch."""
+
+    requests: list[Request]
+    batch: DecodeBatch
+
+
+class Stepper:
+    """Runs one engine's iterations: the running batch, the prompt batch being prefilled, and their memory."""
+
+    def __init__(self, model: Any, spec: Any, pool: Any, scheduler: Scheduler, events: EventQueue, endings: Endings, eos: set[int]):
+        self.model, self.spec, self.pool = model, spec, pool
+        self.scheduler, self.events, self.endings, self.eos = scheduler, events, endings, eos
+        self.batch = DecodeBatch(model, spec)
+        self.admission: PromptBatch | None = None
+        self.counters = BatchCounters()
+        self.deltas = True  # whoever drives wants per-token text (stream, tick); step() does not
+        self._join_reserved = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of KV held outside blocks: the running batch's and the prompt batch's working caches."""
+        return self.batch.nbytes + (self.admission.batch.nbytes if self.admission else 0)
+
+    def counters_snapshot(self) -> dict[str, Any]:
+        return asdict(self.counters)
+
+    def busy(self) -> bool:
+        """Whether a prompt batch or the running batch has work."""
+        return bool(self.admission or len(self.batch))
+
+    def charge(self) -> None:
+        """Charge what the working caches really hold, plus room kept for the prefilling group to join.
+
+        Room is made before anything grows; this records the result, even if
+        an estimate fell short (the pool then admits nothing until it drops).
+        """
+        self.pool.charge(self, self.nbytes + self._join_reserved, force=True)
+
+    def advance(self) -> None:
+        """One iteration: cancels, a decode step, admission and a prefill chunk."""
+        with mx.stream(generation_stream):
+            self._cancel_flagged()
+            busy = bool(len(self.batch))
+            if busy:
+                self._decode()
+            busy = self._prefill() or busy
+        if not busy:  # everything waits for room that background work (a spill) is freeing
+            self.pool.wait_for_release(0.05)
+
+    # ------------------------------------------------------------ cancels and failures
+
+    def _cancel_flagged(self) -> None:
+        admission = self.admission
+        if admission is not None and any(r.cancel for r in admission.requests):
+            gone = [i for i, r in enumerate(admission.requests) if r.cancel]
+            if len(gone) == len(admission.requests):
+                self._drop_admission(reason="cancelled")
+            else:
+                ended = [admission.requests[i] for i in gone]
+                admission.batch.remove(gone)
+                admission.requests = [r for r in admission.requests if not r.cancel]
+                for request in ended:
+                    self.endings.abandon(request, "cancelled")
+                self.charge()
+        rows = [i for i, row in enumerate(self.batch.rows) if row.owner.cancel]
+        if rows:
+            gone_requests = [self.batch.rows[i].owner for i in rows]
+            self.batch.remove(rows)
+            for request in gone_requests:
+                self.endings.abandon(request, "cancelled")
+            self.charge()
+
+    def fail_batch(self, error: BaseException) -> None:
+        """The model failed (or was interrupted) mid-step: end every running request, keep their histories."""
+        failed = [row.owner for row in self.batch.rows]
+        self.batch = DecodeBatch(self.model, self.spec)
+        self.charge()
+        for request in failed:
+            self.endings.abandon(request, "error", error)
+
+    def _drop_admission(self, error: BaseException | None = None, reason: str = "error") -> None:
+        """End the admitted group (its prefill failed, or all were cancelled) and free the working memory it held."""
+        admission, self.admission = self.admission, None
+        self._join_reserved = 0
+        self.charge()
+        for request in admission.requests if admission else []:
+            self.endings.abandon(request, reason, error)
+
+    # ------------------------------------------------------------ decode
+
+    def _decode(self) -> None:
+        """One decode step for the batch; a failure (or an interrupt) ends the running requests, histories kept."""
+        try:
+            self._make_growth_room()
+            tic = time.perf_counter()
+            self.batch.grow()
+            results = self.batch.step()
+            self.counters.decode_time += time.perf_counter() - tic
+            self.counters.generation_tokens += len(results)
+            self.counters.generation_steps += 1
+            self.charge()
+            finished: list[tuple[int, Request, str]] = []
+            for index, (row, token, logprobs) in enumerate(results):
+                finish, event = on_token(row.owner, token, logprobs, self.eos, self.deltas)
+                if event is not None:
+                    self.events.put(event)
+                if finish is not None:
+                    finished.append((index, row.owner, finish))
+            if finished:
+                self._finish_rows(finished)
+        except BaseException as error:
+            self.fail_batch(error)
+            if not isinstance(error, Exception):
+                raise
+
+    def _make_growth_room(self) -> None:
+        """Make room for the batch to grow, preempting the rows the scheduler picks if nothing else frees enough."""
+        growth = self.batch.growth_bytes()
+        while growth:
+            victim = self.scheduler.growth_victim(self.batch, growth)
+            if victim is None:
+                return
+            self._preempt(victim)
+            growth = self.batch.growth_bytes()
+
+    def _finish_rows(self, finished: list[tuple[int, Request, str]]) -> None:
+        ended = []
+        for index, request, reason in finished:
+            try:
+                ended.append((request, self._write_back(request, index), reason, None))
+            except Exception as error:
+                ended.append((request, None, "error", error))
+        self.batch.remove([index for index, _, _ in finished])
+        self.charge()
+        for request, blocks, reason, error in ended:
+            if error is not None:
+                self.endings.abandon(request, "error", error)
+            else:
+                self.endings.complete(request, blocks, reason)
+
+    def _write_back(self, request: Request, index: int) -> AgentBlocks:
+        """Store the tokens of row ``index`` its agent's blocks do not hold yet; returns the new handle."""
+        sources, ring = self.batch.row_caches(index)
+        tokens = request.all_tokens
+        total = self.batch.row_tokens(index)
+        if total != len(tokens):
+            raise GenerationError(f"the cache holds {total} tokens, the request {len(tokens)}")
+        base = request.history.base
+        plans = plan_extension(self.pool, base, total)
+        return extend_blocks(self.pool, base, plans, dict(enumerate(sources)), tokens, ring, force=True)
+
+    def _preempt(self, index: int) -> None:
+        """Move a running request out of the batch: its KV to blocks, itself to the head of the queue."""
+        request = self.batch.rows[index].owner
+        pending = self.batch.pending(index)
+        try:
+            blocks = self._write_back(request, index)
+        except Exception as error:
+            self.batch.remove([index])
+            self.charge()
+            self.endings.abandon(request, "error", error)
+            return
+        self.batch.remove([index])
+        self.charge()
+        request.history.base = blocks
+        request.pending, request.row = pending, None
+        request.preemptions += 1
+        self.scheduler.requeue_first(request)
+
+    # ------------------------------------------------------------ admission and prefill
+
+    def _prefill(self) -> bool:
+        """Admit what the scheduler says, then run one prefill chunk of the admitted group (or, once
+        its prompts are in, launch their first tokens and join them to the running batch).
+
+        Returns whether anything was done.
+        """
+        if self.admission is None:
+            decision = self.scheduler.next_admission(self.batch, self.events.completions_pending() > 0)
+            if decision is None:
+                return False
+            if isinstance(decision, Refuse):
+                self.endings.abandon(decision.request, "error", decision.error)
+                return True
+            if isinstance(decision, Readmit):
+                self._readmit(decision.request)
+                return True
+            self._admit(decision)
+            if self.admission is None:
+                return True
+        admission = self.admission
+        try:
+            self._prefill_step(admission)
+        except BaseException as error:
+            if self.admission is admission:
+                self._drop_admission(error)
+            else:  # it failed while joining the batch: the batch's state is unknown
+                self.fail_batch(error)
+            if not isinstance(error, Exception):
+                raise
+        return True
+
+    def _admit(self, decision: Admit) -> None:
+        """Rebuild the group's caches (one copy each) and make their prompt batch."""
+        group = decision.group
+        rows, caches, last = [], [], []
+        for position, request in enumerate(group):
+            request.admitted_at = request.admitted_at or time.perf_counter()
+            request.order = self.scheduler.next_order()
+            try:
+                request.caches = rebuild_caches(request, self.spec, self.pool, spare=len(request.prompt))
+            except BaseException as error:
+                request.caches = None
+                self.endings.abandon(request, "error", error)
+                if not isinstance(error, Exception):
+                    for other in group[position + 1 :]:
+                        self.endings.abandon(other, "error", error)
+                    self.charge()
+                    raise
+                continue
+            params = request.params
+            request.row = Row(request, params.sampler, params.logits_processors, context=request.history.tokens + request.prompt[:-1])
+            rows.append(request.row)
+            caches.append(request.caches)
+            last.append(request.prompt[-1])
+            if params.progress:
+                params.progress(0, len(request.prompt))
+        admitted = [r for r in group if r.caches is not None]
+        if admitted:
+            batch = DecodeBatch.for_prompts(self.model, self.spec, rows, caches, last)
+            for request in admitted:
+                request.caches = None  # the prompt batch holds them now
+            self.admission = PromptBatch(admitted, batch)
+            longest = max(r.history.keep + len(r.prompt) for r in admitted)
+            self._join_reserved = self.scheduler.join_estimate(self.batch, longest, len(admitted))
+        self.charge()
+
+    def _readmit(self, request: Request) -> None:
+        """A preempted request back into the running batch: its blocks rebuilt, its sampled token next."""
+        request.order = self.scheduler.next_order()
+        token, logprobs = request.pending
+        request.pending = None
+        try:
+            caches = rebuild_caches(request, self.spec, self.pool, spare=1)
+        except BaseException as error:
+            self.endings.abandon(request, "error", error)
+            self.charge()
+            if not isinstance(error, Exception):
+                raise
+            return
+        params = request.params
+        request.row = Row(request, params.sampler, params.logits_processors, context=request.all_tokens)
+        try:
+            self.batch.join(request.row, caches, mx.array([token], dtype=mx.uint32), logprobs)
+        except BaseException as error:  # the batch's state is unknown: end it, this request with it
+            if request.row not in self.batch.rows:
+                self.batch.rows.append(request.row)
+            self.fail_batch(error)
+            if not isinstance(error, Exception):
+                raise
+        self.charge()
+
+    def _prefill_step(self, admission: PromptBatch) -> None:
+        """One prefill chunk for the admitted group; or, once every prompt is in but its last token,
+        that last token for all, launching each request's first generated token, as mlx-lm does."""
+        batch, requests = admission.batch, admission.requests
+        step = self.scheduler.memory.prefill_step_size
+        chunks = []
+        for request in requests:
+            remaining = len(request.prompt) - 1 - request.prefilled  # the last token goes to the first step
+            n = min(step, max(0, remaining))
+            chunks.append(request.prompt[request.prefilled : request.prefilled + n])
+        if any(chunks):
+            tic = time.perf_counter()
+            self.counters.prompt_tokens += batch.prefill(chunks)
+            self.counters.prompt_time += time.perf_counter() - tic
+            for request, chunk in zip(requests, chunks):
+                request.prefilled += len(chunk)
+                if request.params.progress and chunk:
+                    request.params.progress(request.prefilled, len(request.prompt))
+            self.charge()
+            return
+        tic = time.perf_counter()
+        batch.step()  # reads back the prompts' last tokens and launches the first generated ones
+        self.counters.prompt_time += time.perf_counter() - tic
+        for request in requests:
+            request.prefilled = len(request.prompt)
+            if request.params.progress:
+                request.params.progress(len(request.prompt), len(request.prompt))
+        self.batch.absorb(batch)
+        self.admission = None
+        self._join_reserved = 0
+        self.charge()

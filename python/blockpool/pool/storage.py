@@ -1,0 +1,140 @@
+"""Block tensors: each block is its own small MLX array per plane, ``[H, B, d]``.
+
+A block's arrays are made when it is first written and dropped when it
+leaves the pool, so the memory really used is the memory accounted. Arrays
+are immutable: a write makes new arrays (through the native
+``split_blocks``) and swaps them in only when all are computed, so a reader
+never sees a half-written block and no write depends on buffer donation.
+Reads join a layer's blocks into contiguous K and V in one native call
+(``concat_blocks``), dequantizing quantized blocks in the same pass.
+
+Storage knows shapes, dtypes and quantization; which blocks exist and who
+may write them is the books' business (:mod:`blockpool.pool.books`). No
+locking here: the pool holds its lock around the record-keeping parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import mlx.core as mx
+
+from blockpool import ops
+from blockpool.pool.types import BlockWrite
+from blockpool.spec import ModelCacheSpec
+
+Planes = dict[str, mx.array]
+
+
+class BlockStorage:
+    """The arrays behind blocks, by block id.
+
+    Args:
+        spec: The model cache layout.
+        kv_bits: 8 or 4 to store blocks quantized (``mx.quantize``, affine), None for the model's dtype.
+        kv_group_size: Quantization group along the head dim.
+    """
+
+    def __init__(self, spec: ModelCacheSpec, kv_bits: int | None, kv_group_size: int):
+        self.spec, self.kv_bits, self.kv_group_size = spec, kv_bits, kv_group_size
+        self.block_tokens = spec.block_tokens
+        self.data: dict[int, Planes] = {}
+        self._zero_blocks: dict[int, Planes] = {}
+
+    def expected_planes(self, layer_id: int) -> dict[str, tuple[int, str]]:
+        """A layer's planes as stored: name -> (last dim, dtype)."""
+        return self.spec.layers[layer_id].geometry.planes(self.kv_bits, self.kv_group_size)
+
+    @property
+    def plane_names(self) -> list[str]:
+        return list(self.spec.geometries[0].planes(self.kv_bits, self.kv_group_size))
+
+    def complete(self, key: int) -> Planes | None:
+        """A block's arrays if every plane was written, else None."""
+        data = self.data.get(key)
+        return data if data is not None and len(data) == len(self.plane_names) else None
+
+    def zero_block(self, layer_id: int) -> Planes:
+        """A block of zeros of a layer's geometry (spare room after a rebuilt history)."""
+        g = self.spec.geometry_index(layer_id)
+        if g not in self._zero_blocks:
+            geometry = self.spec.geometries[g]
+            planes = {
+                name: mx.zeros((geometry.kv_heads, self.block_tokens, dim), dtype=getattr(mx, dtype))
+                for name, (dim, dtype) in geometry.planes(self.kv_bits, self.kv_group_size).items()
+            }
+            mx.eval(planes)
+            self._zero_blocks[g] = planes
+        return self._zero_blocks[g]
+
+    # ------------------------------------------------------------ reading
+
+    def join_kv(self, layers: Sequence[Sequence[Planes]]) -> list[tuple[mx.array, mx.array]]:
+        """Each layer's blocks joined into ``[1, H, n*B, D]`` K and V in the model's dtype, in one native call."""
+        entries = []
+        for stored in layers:
+            for plane in ("k", "v"):
+                if self.kv_bits is None:
+                    entries.append([s[plane] for s in stored])
+                else:
+                    entries.append([(s[plane], s[f"{plane}_scales"], s[f"{plane}_biases"]) for s in stored])
+        if self.kv_bits is None:
+            out = ops.concat_blocks(entries)
+        else:
+            packed, scales, biases = ([[blk[i] for blk in entry] for entry in entries] for i in range(3))
+            out = ops.concat_dequantize_blocks(packed, scales, biases, group_size=self.kv_group_size, bits=self.kv_bits)
+        return [(out[2 * i], out[2 * i + 1]) for i in range(len(layers))]
+
+    def join_planes(self, layers: Sequence[Sequence[Planes]]) -> list[Planes]:
+        """Each layer's blocks joined plane by plane, as stored, in one native call (evaluated)."""
+        names = self.plane_names
+        out = ops.concat_blocks([[s[name] for s in stored] for stored in layers for name in names])
+        mx.eval(out)
+        return [dict(zip(names, out[i * len(names) : (i + 1) * len(names)])) for i in range(len(layers))]
+
+    # ------------------------------------------------------------ writing
+
+    def quantized(self, write: BlockWrite) -> Planes:
+        """A write's K and V as the planes the pool stores (quantized when the pool is)."""
+        if self.kv_bits is None:
+            return {"k": write.keys, "v": write.values}
+        sources: Planes = {}
+        expected = self.expected_planes(write.layer_id)
+        for name, x in (("k", write.keys), ("v", write.values)):
+            if x.shape[2] == 0:
+                for plane in (name, f"{name}_scales", f"{name}_biases"):
+                    dim, dtype = expected[plane]
+                    sources[plane] = mx.zeros((1, x.shape[1], 0, dim), dtype=getattr(mx, dtype))
+                continue
+            q, scales, biases = mx.quantize(x, group_size=self.kv_group_size, bits=self.kv_bits)
+            sources.update({name: q, f"{name}_scales": scales, f"{name}_biases": biases})
+        return sources
+
+    def check_write(self, layer_id: int, arrays: Mapping[str, mx.array], offset: int) -> int:
+        """Validate one layer's write (planes, shapes, dtypes, offset); returns its token count.
+
+        Raises:
+            ValueError: Anything does not match the pool.
+        """
+        g = self.spec.layers[layer_id].geometry
+        expected = self.expected_planes(layer_id)
+        if set(arrays) != set(expected):
+            raise ValueError(f"expected planes {sorted(expected)}, got {sorted(arrays)}")
+        tokens = {a.shape[2] if a.ndim == 4 else -1 for a in arrays.values()}
+        if len(tokens) != 1 or -1 in tokens:
+            raise ValueError("every plane of a write must be [1, H, T, d] with the same T")
+        for name, a in arrays.items():
+            dim, dtype = expected[name]
+            if a.shape[0] != 1 or a.shape[1] != g.kv_heads or a.shape[3] != dim or a.dtype != getattr(mx, dtype):
+                raise ValueError(
+                    f"plane {name} of layer {layer_id} must be [1, {g.kv_heads}, T, {dim}] {dtype}, got {a.dtype} {a.shape}"
+                )
+        if not (isinstance(offset, int) and 0 <= offset < self.block_tokens):
+            raise ValueError(f"offset must be in [0, {self.block_tokens}), got {offset!r}")
+        return tokens.pop()
+
+    def split(self, jobs: Sequence[tuple[mx.array, int, mx.array | None]]) -> list[list[mx.array]]:
+        """New block arrays for ``(source, offset, head)`` jobs, computed (native ``split_blocks``)."""
+        made = ops.split_blocks([j[0] for j in jobs], [j[1] for j in jobs], [j[2] for j in jobs], block_tokens=self.block_tokens)
+        mx.eval(made)
+        return made

@@ -1,0 +1,430 @@
+"""AgentMemory: a store over the engine for callers that resend the whole conversation.
+
+Each turn the caller submits an agent's full prompt. The store keeps every
+agent's cache itself and, per submit:
+
+1. finds the agent's cache: hot in the pool, else on disk (read and
+   verified by the submitting thread, never the engine's), else none;
+2. resumes from the longest common token prefix of that cache and the
+   prompt or, if other agents' blocks hold a longer prefix, shares those
+   blocks instead (:mod:`.resume`);
+3. submits only the rest of the prompt to the engine, which queues it until
+   there is room.
+
+Everything is validated before anything changes: a refused submit leaves
+the agent's cache as it was.
+
+The pool is the memory budget. The store keeps a queued request's cache
+until the engine admits it (the engine fetches it then), so that while
+requests wait, their caches can move too: when the pool is short it asks
+the store for room, which spills caches to disk in the background
+(:mod:`.spill`). With ``durable=True`` every completed turn is also written
+behind, and the agent's next submit waits for that write. Where each
+agent's cache is lives in :mod:`.tiers`; its files in :mod:`.agent_files`;
+shared prefixes in :mod:`.prefix_index`.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from blockpool.block import AgentBlocks
+from blockpool.engine import BlockPoolBatchEngine, CompletedGeneration, GenerationEvent
+from blockpool.errors import InvalidRequestError
+from blockpool.prompt import Prompt, to_token_ids
+from blockpool.store.agent_files import AgentFiles
+from blockpool.store.prefix_index import PrefixIndex
+from blockpool.store.resume import QueuedHistory, choose_resume, common_prefix
+from blockpool.store.spill import Spiller
+from blockpool.store.tiers import Queued, Tiers
+
+#: Generation arguments the store passes to the engine.
+GENERATION_ARGS = ("max_tokens", "sampler", "logits_processors", "stop", "prompt_progress_callback")
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    """Where agents live and what sharing saves."""
+
+    hot_agents: int
+    disk_agents: int
+    used_blocks: int
+    shared_blocks: int
+    bytes_in_use: int
+    bytes_saved_by_sharing: int  # what the agents' blocks would take unshared, minus what they take
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """One agent the store knows.
+
+    Attributes:
+        agent_id: The agent.
+        where: ``"running"`` (a request in flight), ``"pool"`` (idle, in
+            blocks or in memory awaiting its write) or ``"disk"``.
+        tokens: Tokens of its history (for a running agent: so far).
+        bytes: Bytes its history takes where it is (pool blocks, or the file).
+        durable: Whether its latest history is on disk.
+    """
+
+    agent_id: str
+    where: str
+    tokens: int
+    bytes: int
+    durable: bool
+
+
+class AgentMemory:
+    """Keeps every agent's cache, reusing prefixes, sharing common ones, spilling to disk.
+
+    Args:
+        engine: The engine to generate with; its pool is the memory budget.
+        cache_dir: Where idle agents are spilled and persisted. Without one,
+            an evicted agent's cache is dropped (it will be prefilled again).
+        durable: Write every agent's file after each of its completions
+            (in the background); its next submit waits for that write.
+        deterministic: Do all disk work synchronously, so that what runs
+            when depends only on the sequence of calls (for several ranks
+            that must stay in lockstep).
+    """
+
+    def __init__(
+        self,
+        engine: BlockPoolBatchEngine,
+        cache_dir: str | Path | None = None,
+        *,
+        durable: bool = False,
+        deterministic: bool = False,
+    ):
+        if not isinstance(engine, BlockPoolBatchEngine):
+            raise InvalidRequestError(f"engine must be a BlockPoolBatchEngine, got {type(engine).__name__}")
+        if durable and cache_dir is None:
+            raise InvalidRequestError("durable=True needs a cache_dir")
+        self.engine, self.pool, self.spec = engine, engine.pool, engine.pool.spec
+        self.durable, self.deterministic = durable, deterministic
+        self._files = AgentFiles(cache_dir, engine.model, self.spec)
+        self.cache_dir = self._files.cache_dir
+        self._lock = threading.RLock()
+        self._tiers = Tiers(self.pool)
+        self._spiller = Spiller(self._tiers, self.pool, engine, self._files, self._lock, deterministic)
+        self._index = PrefixIndex(self.pool)
+        self.write_errors = self._spiller.errors  # background write failures, oldest first
+        self.pool.add_reclaimer(self._spiller.reclaim)
+        self._closed = False
+
+    @property
+    def fingerprint(self) -> str:
+        """The model fingerprint stored in and checked against agent files (computed on first use)."""
+        return self._files.fingerprint
+
+    # ------------------------------------------------------------ requests
+
+    def submit(
+        self,
+        agent_id: str,
+        prompt: Prompt,
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        **generation_args: Any,
+    ) -> int:
+        """Submit an agent's full prompt; only what its cache lacks is prefilled.
+
+        Args:
+            agent_id: The agent.
+            prompt: The whole conversation so far: text, token ids, or chat
+                messages (``[{"role": ..., "content": ...}]``, content as a
+                string or a list of text parts) rendered with the tokenizer's
+                chat template.
+            tools: Tool definitions for the chat template (chat prompts only).
+            chat_template_kwargs: Other chat template arguments (chat prompts only).
+            generation_args: ``max_tokens``, ``sampler``, ``logits_processors``,
+                ``stop`` and ``prompt_progress_callback``, as for the engine.
+
+        Returns:
+            The request's uid.
+
+        Raises:
+            InvalidRequestError, PoolExhaustedError, CacheCorruptionError,
+            IncompatibleCacheError: nothing was changed (a corrupt file is
+            moved aside, and the agent starts cold next time).
+        """
+        unknown = sorted(set(generation_args) - set(GENERATION_ARGS))
+        if unknown:
+            raise InvalidRequestError(f"unknown generation arguments {unknown}; expected some of {list(GENERATION_ARGS)}")
+        self.engine.check_request(agent_id, generation_args.get("max_tokens", 256), generation_args.get("stop"))
+        tokens = self.tokenize(prompt, tools=tools, chat_template_kwargs=chat_template_kwargs)
+        self._spiller.wait_for_write(agent_id)
+        with self._lock:
+            in_memory = self._tiers.in_memory(agent_id)
+        loaded = None if in_memory else self._files.load(agent_id)  # read outside the lock: the engine never waits on it
+        with self._lock:
+            if self._closed:
+                raise InvalidRequestError("the store is closed")
+            if self._tiers.is_busy(agent_id):
+                raise InvalidRequestError(f"agent {agent_id!r} already has a generation in flight")
+            return self._submit_locked(agent_id, tokens, loaded, generation_args)
+
+    def _submit_locked(self, agent_id: str, tokens: list[int], loaded: Any, generation_args: dict[str, Any]) -> int:
+        tiers = self._tiers
+        hot, unwritten = tiers.hot.get(agent_id), tiers.unwritten.get(agent_id)
+        if hot is not None and loaded is not None:  # the file holds more than the hot prefix: take the better
+            if common_prefix(loaded.token_ids, tokens) <= common_prefix(hot.token_ids, tokens):
+                loaded = None
+            else:
+                tiers.drop_hot(agent_id)
+                tiers.disk_ahead.discard(agent_id)
+                hot = None
+        file = unwritten[0] if unwritten is not None else (loaded if hot is None else None)
+        resume = choose_resume(tokens, hot, file, self._index)
+        queued, source = None, None
+        if resume.kind == "shared":
+            valid_from = self._index.valid_from(resume.shared, resume.keep)
+            source = AgentBlocks(agent_id, self.spec, resume.shared, resume.keep, list(tokens[: resume.keep]), valid_from=valid_from)
+            self.pool.share(source.all_blocks(), agent_id)
+        elif resume.kind != "cold":
+            queued, source = self._queue_own(agent_id, tokens[: resume.keep], hot, file, unwritten)
+        try:
+            uid = self.engine.submit(agent_id, tokens[resume.keep :], cache=source, **generation_args)
+        except BaseException:
+            if resume.kind == "shared":
+                self.pool.release(source)
+            if queued is not None:
+                tiers.queued.pop(agent_id, None)
+                if queued.charge is not None and unwritten is None:
+                    self.pool.charge(queued.charge, 0)
+            raise
+        # Committed.
+        if queued is not None:
+            queued.uid = uid
+            tiers.hot.pop(agent_id, None)
+            tiers.unwritten.pop(agent_id, None)
+        elif hot is not None:  # superseded by a longer shared prefix, or nothing in common
+            tiers.drop_hot(agent_id)
+        tiers.busy[uid] = agent_id
+        tiers.sources[uid] = resume.kind
+        return uid
+
+    def _queue_own(self, agent_id: str, kept: list[int], hot: Any, file: Any, unwritten: Any) -> tuple[Queued, QueuedHistory]:
+        """Keep the agent's own cache for its queued request (lock held)."""
+        queued = Queued(agent_id, handle=hot, file=file if hot is None else None, on_disk=hot is None and unwritten is None)
+        if unwritten is not None:
+            queued.charge = unwritten[1]
+        elif queued.file is not None:  # read and verified: keep it in memory only if the budget has room
+            queued.charge = object()
+            if not self.pool.charge(queued.charge, queued.file.nbytes):
+                queued.file, queued.charge = None, None  # read back when the request is next in line
+        read_bytes = self.spec.bytes_for_tokens(len(kept), self.pool.kv_bits, self.pool.kv_group_size)
+        source = QueuedHistory(
+            agent_id, self.spec, kept, queued, read_bytes,
+            fetch=functools.partial(self._spiller.fetch, agent_id),
+            prefetch=functools.partial(self._spiller.prefetch, agent_id),
+        )
+        self._tiers.queued[agent_id] = queued
+        return queued, source
+
+    def cancel(self, uid: int, *, free_blocks: bool = False) -> bool:
+        """Cancel a request (see :meth:`BlockPoolBatchEngine.cancel`)."""
+        return self.engine.cancel(uid, free_blocks=free_blocks)
+
+    def step(self) -> Iterator[CompletedGeneration]:
+        """Run until every request has finished, yielding each completion.
+
+        ``completion.blocks`` stay owned by the store; do not free them.
+        ``completion.cache_source`` says where the agent's cache came from.
+        """
+        for event in self.stream():
+            if event.completion is not None:
+                yield event.completion
+
+    def stream(self) -> Iterator[GenerationEvent]:
+        """Like :meth:`step`, also yielding each token."""
+        for event in self.engine.stream():
+            if event.completion is not None:
+                event.completion = self._on_completion(event.completion)
+            yield event
+
+    def tick(self) -> list[GenerationEvent]:
+        """One engine iteration (see :meth:`BlockPoolBatchEngine.tick`), completions recorded."""
+        events = self.engine.tick()
+        for event in events:
+            if event.completion is not None:
+                event.completion = self._on_completion(event.completion)
+        return events
+
+    # ------------------------------------------------------------ tiers
+
+    def where(self, agent_id: str) -> str:
+        """``"pool"``, ``"disk"`` or ``"none"``: where an agent's cache is now."""
+        with self._lock:
+            if self._tiers.in_pool(agent_id):
+                return "pool"
+            return "disk" if self._files.exists(agent_id) else "none"
+
+    def agents(self) -> list[AgentInfo]:
+        """Every agent the store knows, with where it lives, its tokens and its bytes."""
+        tiers = self._tiers
+        with self._lock:
+            seen: dict[str, AgentInfo] = {}
+            usage = self.pool.stats().agents
+            for uid, agent_id in tiers.busy.items():
+                nbytes = usage[agent_id].bytes if agent_id in usage else 0
+                seen[agent_id] = AgentInfo(agent_id, "running", self.engine.request_tokens(uid), nbytes, False)
+            for agent_id, blocks in tiers.hot.items():
+                nbytes = usage[agent_id].bytes if agent_id in usage else 0
+                seen[agent_id] = AgentInfo(agent_id, "pool", blocks.total_tokens, nbytes, tiers.is_durable(agent_id, blocks))
+            for agent_id, (file, _) in tiers.unwritten.items():
+                seen[agent_id] = AgentInfo(agent_id, "pool", len(file.token_ids), file.nbytes, False)
+        for agent_id, tokens, size in self._files.listing():
+            if agent_id not in seen:
+                seen[agent_id] = AgentInfo(agent_id, "disk", tokens, size, True)
+        return sorted(seen.values(), key=lambda a: a.agent_id)
+
+    def spill(self, agent_id: str) -> bool:
+        """Move an idle agent from the pool to disk now, waiting for the write.
+
+        Without a ``cache_dir`` its cache is dropped instead.
+
+        Returns:
+            False if it is not idle in the pool.
+
+        Raises:
+            PersistenceError: The write failed; the agent stays in memory.
+        """
+        with self._lock:
+            if agent_id not in self._tiers.hot or self._tiers.is_busy(agent_id):
+                return False
+            future = self._spiller.spill_locked(agent_id)
+        if future is not None:
+            future.result()
+        return True
+
+    def forget(self, agent_id: str) -> None:
+        """Drop an agent's cache from the pool and from disk.
+
+        Raises:
+            InvalidRequestError: The agent has a generation in flight.
+        """
+        self._spiller.wait_for_write(agent_id)
+        with self._lock:
+            tiers = self._tiers
+            if tiers.is_busy(agent_id):
+                raise InvalidRequestError(f"agent {agent_id!r} has a generation in flight")
+            tiers.drop_hot(agent_id)
+            tiers.drop_unwritten(agent_id)
+            tiers.durable.pop(agent_id, None)
+            tiers.disk_ahead.discard(agent_id)
+            self._files.remove(agent_id)
+
+    def flush(self) -> int:
+        """Write every idle hot agent whose file is not current, now. Returns how many were written.
+
+        Raises:
+            PersistenceError: A write failed (the agent stays hot).
+        """
+        if self.cache_dir is None:
+            return 0
+        self.wait_durable()
+        tiers = self._tiers
+        with self._lock:
+            agents = [(a, b) for a, b in tiers.hot.items() if not tiers.is_durable(a, b)]
+            unwritten = list(tiers.unwritten.items())
+        for agent_id, blocks in agents:
+            self._files.save(agent_id, self._files.export(self.pool, blocks))
+            with self._lock:
+                if tiers.hot.get(agent_id) is blocks:
+                    tiers.durable[agent_id] = blocks.generation
+        for agent_id, (file, _) in unwritten:  # retry the writes that failed
+            self._files.save(agent_id, file)
+            with self._lock:
+                if tiers.unwritten.get(agent_id, (None,))[0] is file:
+                    tiers.drop_unwritten(agent_id)
+        return len(agents) + len(unwritten)
+
+    def wait_durable(self, agent_id: str | None = None, timeout: float | None = None) -> bool:
+        """Wait for background writes (of one agent, or all) to end.
+
+        Returns:
+            Whether they all ended within ``timeout`` (``timeout=0`` only checks).
+        """
+        return self._spiller.wait(agent_id, timeout)
+
+    def close(self) -> None:
+        """Cancel what is in flight, persist every agent, and give every byte back to the pool.
+
+        Raises:
+            PersistenceError: Some agent could not be written; the others were.
+        """
+        with self._lock:
+            uids = list(self._tiers.busy)
+        for uid in uids:
+            self.engine.cancel(uid)
+        for _ in self.step():
+            pass
+        error = None
+        try:
+            self.flush()
+        except Exception as e:  # still give the memory back
+            error = e
+        self.wait_durable()
+        with self._lock:
+            self._tiers.release_all()
+            self._closed = True
+        self.pool.remove_reclaimer(self._spiller.reclaim)
+        self.pool.drop_cached()  # the prefix index dies with the store
+        self._spiller.shutdown()
+        if error is not None:
+            raise error
+
+    def stats(self) -> MemoryStats:
+        """Agents per tier, and the bytes shared blocks save."""
+        with self._lock:
+            pool = self.pool.stats()
+            per_agent = sum(a.bytes for a in pool.agents.values())
+            return MemoryStats(
+                len(self._tiers.hot), self._files.count(), pool.used_blocks, pool.shared_blocks, pool.used_bytes,
+                max(0, per_agent - pool.block_bytes),
+            )
+
+    def tokenize(self, prompt: Prompt, **template_args: Any) -> list[int]:
+        """Token ids for a full prompt: text, token ids, or chat messages (see :mod:`blockpool.prompt`)."""
+        return to_token_ids(self.engine.tokenizer, prompt, vocab_size=self.engine.vocab_size, **template_args)
+
+    # ------------------------------------------------------------ completions
+
+    def _on_completion(self, completion: CompletedGeneration) -> CompletedGeneration:
+        agent_id, tiers = completion.agent_id, self._tiers
+        with self._lock:
+            tiers.busy.pop(completion.uid, None)
+            source = tiers.sources.pop(completion.uid, None)
+            queued = tiers.queued.get(agent_id)
+            if queued is not None and queued.uid == completion.uid:  # ended before admission: nothing was fetched
+                tiers.queued.pop(agent_id)
+                tiers.restore(queued)
+            fetched = tiers.fetched.pop(completion.uid, None)
+            blocks = completion.blocks
+            if blocks is not None and blocks.total_tokens:
+                if fetched is not None and fetched.charge is not None:
+                    self.pool.charge(fetched.charge, 0)  # the file's copy lives in the blocks now
+                tiers.keep_hot(agent_id, blocks)
+                self._index.register(blocks)
+                if completion.finish_reason in ("cancelled", "error"):
+                    # The agent's cache is its history cut back to the failed prompt's common prefix; its file,
+                    # if it has one, holds the longer finished turn: keep that one.
+                    if self._files.exists(agent_id):
+                        tiers.disk_ahead.add(agent_id)
+                elif self.durable:
+                    file = self._files.export(self.pool, blocks)
+                    charge = object()
+                    self.pool.charge(charge, file.nbytes, force=True)
+                    self._spiller.write_behind_locked(agent_id, file, charge, blocks.generation, spill=False)
+            elif fetched is not None:
+                tiers.restore(fetched)  # the request ended before its history reached the blocks
+            if completion.cached_tokens == 0:
+                source = "cold"  # what it resumed from could not serve the prefix after all
+            return replace(completion, cache_source=source)

@@ -1,0 +1,75 @@
+"""Where a submitted prompt resumes from: the agent's own cache, another agent's shared prefix, or nothing.
+
+:func:`choose_resume` decides, from what the store has for the agent (hot
+blocks, an in-memory copy, a file read from disk) and what the prefix index
+holds: the longest common token prefix of the agent's cache and the prompt,
+unless other agents' blocks hold a longer one (a shared system prompt, even
+blocks freed but still cached), at least one token always left to prefill.
+A queued agent's own cache reaches the engine as a :class:`QueuedHistory`,
+which the engine fetches only at admission.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from blockpool.block import AgentBlocks
+from blockpool.cache_conversion import can_resume
+from blockpool.store.tiers import Queued
+
+
+@dataclass(eq=False)
+class QueuedHistory:
+    """A queued agent's own history, as the engine sees it (a :class:`~blockpool.engine.HistorySource`)."""
+
+    agent_id: str
+    spec: Any
+    token_ids: list[int]
+    queued: Queued
+    read_bytes: int  # what reading it back from disk brings into memory
+    fetch: Callable[[], Any]
+    prefetch: Callable[[], None]
+
+    def bytes(self) -> int:
+        """What admitting it adds to the budget now: nothing while its data is in the pool or charged."""
+        q = self.queued
+        return 0 if q.handle is not None or q.charge is not None else self.read_bytes
+
+
+@dataclass
+class Resume:
+    """A submit's choice: ``kind`` (``"pool"``, ``"disk"``, ``"shared"`` or ``"cold"``) and the tokens kept."""
+
+    kind: str
+    keep: int
+    shared: dict[int, list] | None = None  # for "shared": the blocks per layer
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def choose_resume(tokens: Sequence[int], hot: AgentBlocks | None, file: Any, index: Any) -> Resume:
+    """Pick what a prompt resumes from (pure: nothing is shared or moved here).
+
+    Args:
+        tokens: The whole prompt.
+        hot: The agent's blocks in the pool, if any.
+        file: The agent's copy in memory or read from disk (used when not hot).
+        index: The prefix index.
+    """
+    limit = len(tokens) - 1  # at least one token is prefilled
+    own_tokens = hot.token_ids if hot is not None else (file.token_ids if file is not None else [])
+    own = min(common_prefix(own_tokens, tokens), limit)
+    length, shared = index.lookup(tokens, limit)
+    if length > own:
+        return Resume("shared", length, shared)
+    if own > 0 and can_resume(hot if hot is not None else file, own):
+        return Resume("pool" if hot is not None else "disk", own)
+    return Resume("cold", 0)
