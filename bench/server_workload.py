@@ -59,13 +59,22 @@ class ChatWorkload:
             name = f"{tag}-agent-{index}"
             messages = [{"role": "system", "content": system}]
             for turn in range(self.turns):
-                messages.append({"role": "user", "content": f"agent {index}, turn {turn}: what does the next step change in the parser?"})
+                messages.append(
+                    {
+                        "role": "user",
+                        "content": f"agent {index}, turn {turn}: what does the next step change in the parser?",
+                    }
+                )
                 sent = time.perf_counter()
                 first, parts = None, []
                 try:
                     stream = client.chat.completions.create(
-                        model="default_model", messages=messages, max_tokens=self.max_tokens, stream=True,
-                        extra_headers={"X-Agent-Id": name}, **({"logit_bias": self.logit_bias} if self.logit_bias else {}),
+                        model="default_model",
+                        messages=messages,
+                        max_tokens=self.max_tokens,
+                        stream=True,
+                        extra_headers={"X-Agent-Id": name},
+                        **({"logit_bias": self.logit_bias} if self.logit_bias else {}),
                     )
                     for chunk in stream:
                         text = chunk.choices[0].delta.content if chunk.choices else None

@@ -13,9 +13,9 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import BLOCK_TOKENS, DTYPE, HEAD_DIM, HEADS, ITEMSIZE, record
 
 from blockpool import ops
+from conftest import BLOCK_TOKENS, DTYPE, HEAD_DIM, HEADS, ITEMSIZE, record
 
 CASES = [(1, 12), (4, 24), (8, 30), (32, 48)]
 
@@ -87,7 +87,9 @@ def test_gather_memcpy_ceiling(benchmark, workload):
 
 def test_gather_naive_concat(benchmark, workload):
     def naive():
-        out = [mx.concatenate([pool[i] for i in ids], axis=1)[None] for pool, ids in zip(workload.pools(), workload.ids)]
+        out = [
+            mx.concatenate([pool[i] for i in ids], axis=1)[None] for pool, ids in zip(workload.pools(), workload.ids)
+        ]
         mx.eval(out)
 
     saved = workload.rounds
@@ -159,7 +161,9 @@ def test_concat_copyto_per_block(benchmark, block_arrays):
     blocks are separate allocations of 512 KiB each, as in the elastic pool.
     Reported, not gated.
     """
-    blocks = [[np.ones((HEADS, BLOCK_TOKENS, HEAD_DIM), dtype=np.float16) for _ in entry] for entry in block_arrays.entries]
+    blocks = [
+        [np.ones((HEADS, BLOCK_TOKENS, HEAD_DIM), dtype=np.float16) for _ in entry] for entry in block_arrays.entries
+    ]
     outs = [np.empty((HEADS, len(entry) * BLOCK_TOKENS, HEAD_DIM), dtype=np.float16) for entry in blocks]
 
     def copy():

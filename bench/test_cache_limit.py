@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-from conftest import BLOCK_TOKENS, DTYPE, HEAD_DIM, HEADS, record
 
 from blockpool import ops
+from conftest import BLOCK_TOKENS, DTYPE, HEAD_DIM, HEADS, record
 
 ENTRIES, BLOCKS = 8, 128  # 8 outputs of 128 blocks = 64 MiB each
 DEFAULT_CACHE_LIMIT = 32 * 2**20

@@ -22,11 +22,11 @@ import time
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import record_seconds, tokens
 from mlx_lm.generate import BatchGenerator, stream_generate
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from blockpool import AgentBlocks, BlockPool, BlockPoolBatchEngine, ModelCacheSpec, to_mlx_caches
+from conftest import record_seconds, tokens
 
 HISTORY, DECODE_AGENTS, DECODE_TOKENS = 4096, 8, 64
 
@@ -62,7 +62,9 @@ def test_ttft_warm_engine_vs_mlx_lm_prompt_cache(benchmark, warm_agent, llama, n
         agent = f"round-{state['round']}"
         state["round"] += 1
         pool.share(template.all_blocks(), agent)
-        handle = AgentBlocks(agent, template.spec, {k: list(v) for k, v in template.blocks.items()}, HISTORY, list(template.token_ids))
+        handle = AgentBlocks(
+            agent, template.spec, {k: list(v) for k, v in template.blocks.items()}, HISTORY, list(template.token_ids)
+        )
         mx.synchronize()  # each side starts on an idle device: mlx-lm's abandoned generator leaves a step running
         start = time.perf_counter()
         engine.submit(agent, prompt, cache=handle, max_tokens=2)
@@ -90,7 +92,8 @@ def test_ttft_warm_engine_vs_mlx_lm_prompt_cache(benchmark, warm_agent, llama, n
     assert pool.used_blocks("template") == template.num_blocks and pool.stats().working_bytes == 0  # nothing leaked
     _record_pair(benchmark, times, "engine", "mlx_lm", warm=4)
     benchmark.extra_info["reconstructed_ratio"] = (
-        benchmark.extra_info["reconstructed_mlx_lm_median_ms"] / benchmark.extra_info["mlx_lm_median_ms"])
+        benchmark.extra_info["reconstructed_mlx_lm_median_ms"] / benchmark.extra_info["mlx_lm_median_ms"]
+    )
 
 
 def _record_pair(benchmark, times, ours: str, theirs: str, tokens_per_round: int | None = None, warm: int = 3) -> None:

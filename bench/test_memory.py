@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-from conftest import record_seconds, tokens
 from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import LRUPromptCache, load_prompt_cache, make_prompt_cache, save_prompt_cache
 
 from blockpool import AgentBlocks, AgentMemory, BlockPool, BlockPoolBatchEngine, ModelCacheSpec, from_mlx_caches
 from blockpool.persistence import export_agent, import_agent, load_agent_file, save_agent_file
+from conftest import record_seconds, tokens
 
 LENGTHS = [1024, 4096]
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import BLOCK_TOKENS, DTYPE, HEAD_DIM, HEADS, record
 
 from blockpool import Geometry, LayerSpec, ModelCacheSpec, ops
+from conftest import BLOCK_TOKENS, DTYPE, HEAD_DIM, HEADS, record
 
 BLOCKS, LAYERS, GROUP = 32, 48, 64
 GROUP_NAME = "reconstruct 32 blocks x 48 layers, by bits"

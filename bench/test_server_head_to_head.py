@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 import tiny_models
 from conftest import record_seconds
 from server_workload import ChatWorkload, ServerProcess
 
-WORKLOAD = ChatWorkload(agents=6, turns=3, max_tokens=16, system_words=200, logit_bias={"0": -1000.0})  # 0: the tiny EOS
+WORKLOAD = ChatWorkload(
+    agents=6, turns=3, max_tokens=16, system_words=200, logit_bias={"0": -1000.0}
+)  # 0: the tiny EOS
 ROUNDS, WARMUP = 6, 1
 
 
@@ -70,6 +73,8 @@ def test_server_head_to_head_vs_mlx_lm_server(benchmark, servers):
         benchmark.extra_info[f"{name}_p95_ms"] = float(np.percentile(wall_ms, 95))
         benchmark.extra_info[f"{name}_ttft_p50_ms"] = float(np.percentile(ttft_ms, 50))
         benchmark.extra_info[f"{name}_ttft_p95_ms"] = float(np.percentile(ttft_ms, 95))
-    benchmark.extra_info["ratio"] = benchmark.extra_info["blockpool_median_ms"] / benchmark.extra_info["mlx_lm_server_median_ms"]
+    benchmark.extra_info["ratio"] = (
+        benchmark.extra_info["blockpool_median_ms"] / benchmark.extra_info["mlx_lm_server_median_ms"]
+    )
     benchmark.extra_info["requests_per_round"] = WORKLOAD.agents * WORKLOAD.turns
     record_seconds(benchmark)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 import tiny_models
 from conftest import record_seconds
 from server_workload import ChatWorkload, ServerProcess

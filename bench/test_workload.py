@@ -34,11 +34,11 @@ import time
 
 import mlx.core as mx
 import pytest
-from conftest import tokens
 from mlx_lm.generate import BatchGenerator, stream_generate
 from mlx_lm.models.cache import LRUPromptCache, load_prompt_cache, make_prompt_cache, save_prompt_cache
 
 from blockpool import AgentMemory, BlockPool, BlockPoolBatchEngine, ModelCacheSpec
+from conftest import tokens
 
 AGENTS, TURNS, SYSTEM, NEW, GENERATED = 6, 4, 1024, 48, 16
 BUDGET = 4 << 20  # sequential: bytes of KV memory for blockpool, and the LRU's byte limit
@@ -140,8 +140,12 @@ def batched_allowance(llama):
 
 def _record_peak(benchmark, peak: int, budget: int, allowance: int) -> None:
     """MLX's peak over the run against the budget: gated at 1.05 x budget + the activation allowance."""
-    benchmark.extra_info.update(mlx_peak_bytes=peak, budget_bytes=budget, activation_allowance_bytes=allowance,
-                                peak_over_bound=peak / (1.05 * budget + allowance))
+    benchmark.extra_info.update(
+        mlx_peak_bytes=peak,
+        budget_bytes=budget,
+        activation_allowance_bytes=allowance,
+        peak_over_bound=peak / (1.05 * budget + allowance),
+    )
 
 
 def _run(benchmark, group, name, run, reference, **info):
@@ -150,7 +154,9 @@ def _run(benchmark, group, name, run, reference, **info):
     start = time.perf_counter()
     benchmark.pedantic(lambda: run(work), rounds=1, warmup_rounds=0)
     wall = time.perf_counter() - start
-    benchmark.extra_info.update(contender=name, series=work.series, wall_s=wall, wall_median_ms=wall * 1e3, peak_kv_bytes=work.peak, **info)
+    benchmark.extra_info.update(
+        contender=name, series=work.series, wall_s=wall, wall_median_ms=wall * 1e3, peak_kv_bytes=work.peak, **info
+    )
     assert work.histories == reference, f"{name} generated other tokens than cold prefill"
 
 
@@ -248,8 +254,13 @@ def _blockpool_sequential(work, model, tokenizer, budget, cache_dir):
 def test_blockpool_from_pool(benchmark, llama, reference, allowance):
     model, tokenizer = llama
     peak = {}
-    _run(benchmark, SEQUENTIAL, "blockpool (pool)",
-         lambda work: peak.setdefault("mlx", _blockpool_sequential(work, model, tokenizer, BUDGET, None)), reference)
+    _run(
+        benchmark,
+        SEQUENTIAL,
+        "blockpool (pool)",
+        lambda work: peak.setdefault("mlx", _blockpool_sequential(work, model, tokenizer, BUDGET, None)),
+        reference,
+    )
     _record_peak(benchmark, peak["mlx"], BUDGET, allowance)
 
 
@@ -259,8 +270,13 @@ def test_blockpool_from_disk(benchmark, llama, reference, allowance, tmp_path):
     final = SYSTEM + TURNS * (NEW + GENERATED)
     small = engine.request_bytes(final - NEW - GENERATED, NEW, GENERATED) * 2  # about two agents: the rest wait on disk
     peak = {}
-    _run(benchmark, SEQUENTIAL, "blockpool (disk, pool for 2 agents)",
-         lambda work: peak.setdefault("mlx", _blockpool_sequential(work, model, tokenizer, small, tmp_path)), reference)
+    _run(
+        benchmark,
+        SEQUENTIAL,
+        "blockpool (disk, pool for 2 agents)",
+        lambda work: peak.setdefault("mlx", _blockpool_sequential(work, model, tokenizer, small, tmp_path)),
+        reference,
+    )
     _record_peak(benchmark, peak["mlx"], small, allowance)
 
 
@@ -282,8 +298,12 @@ def test_mlx_lm_server_pattern_all_at_once(benchmark, llama, reference):
                 cache, rest = lru.fetch_nearest_cache("model", prompts[agent])
                 caches.append(cache if cache is not None else make_prompt_cache(model))
                 rests.append(rest)
-            uids = generator.insert(rests, max_tokens=[GENERATED] * len(agents), caches=caches,
-                                    all_tokens=[prompts[a][: len(prompts[a]) - len(r)] for a, r in zip(agents, rests)])
+            uids = generator.insert(
+                rests,
+                max_tokens=[GENERATED] * len(agents),
+                caches=caches,
+                all_tokens=[prompts[a][: len(prompts[a]) - len(r)] for a, r in zip(agents, rests)],
+            )
             by_uid = dict(zip(uids, agents))
             out = {a: [] for a in agents}
             first = {}

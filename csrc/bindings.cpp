@@ -37,6 +37,19 @@ std::vector<blockpool::BlockIds> to_block_ids(
 
 }  // namespace
 
+// What every stub signature and docstring repeats.
+#define BP_ARRAYS "collections.abc.Sequence[mlx.core.array]"
+#define BP_NESTED "collections.abc.Sequence[collections.abc.Sequence[mlx.core.array]]"
+#define BP_IDS \
+  "block_ids: collections.abc.Sequence[collections.abc.Sequence[int] | mlx.core.array]"
+#define BP_QUANT "group_size: int = 64, bits: int = 4"
+#define BP_STREAM "stream: mlx.core.Stream | mlx.core.Device | None = None"
+#define BP_ARRAY_LIST "list[mlx.core.array]"
+#define BP_DOC(op)                                                        \
+  "The native " op ": validates, then builds the graph node.\n\nUse "     \
+  "blockpool.ops." op ", which documents the arguments, results and\n"    \
+  "errors, and picks the backend for the device."
+
 NB_MODULE(_ext, m) {
   m.doc() = "Native block gather/scatter primitives for MLX KV caches.";
   // Registers mx.array and friends in the shared `mlx` domain, so this
@@ -69,14 +82,9 @@ NB_MODULE(_ext, m) {
             pools, to_block_ids(block_ids, "gather_blocks"), s);
       },
       "pools"_a, "block_ids"_a, nb::kw_only(), "stream"_a = nb::none(),
-      nb::sig("def gather_blocks(pools: collections.abc.Sequence[mlx.core.array], "
-              "block_ids: collections.abc.Sequence[collections.abc.Sequence[int] | mlx.core.array], "
-              "*, stream: mlx.core.Stream | mlx.core.Device | None = None) "
-              "-> list[mlx.core.array]"),
-      R"doc(The native gather_blocks: validates, then builds the graph node.
-
-Use blockpool.ops.gather_blocks, which documents the arguments, results and
-errors, and picks the backend for the device.)doc");
+      nb::sig("def gather_blocks(pools: " BP_ARRAYS ", " BP_IDS
+              ", *, " BP_STREAM ") -> " BP_ARRAY_LIST),
+      BP_DOC("gather_blocks"));
 
   m.def(
       "gather_dequantize_blocks",
@@ -92,17 +100,10 @@ errors, and picks the backend for the device.)doc");
       },
       "packed"_a, "scales"_a, "biases"_a, "block_ids"_a, nb::kw_only(),
       "group_size"_a = 64, "bits"_a = 4, "stream"_a = nb::none(),
-      nb::sig("def gather_dequantize_blocks(packed: collections.abc.Sequence[mlx.core.array], "
-              "scales: collections.abc.Sequence[mlx.core.array], "
-              "biases: collections.abc.Sequence[mlx.core.array], "
-              "block_ids: collections.abc.Sequence[collections.abc.Sequence[int] | mlx.core.array], "
-              "*, group_size: int = 64, bits: int = 4, "
-              "stream: mlx.core.Stream | mlx.core.Device | None = None) "
-              "-> list[mlx.core.array]"),
-      R"doc(The native gather_dequantize_blocks: validates, then builds the graph node.
-
-Use blockpool.ops.gather_dequantize_blocks, which documents the arguments, results and
-errors, and picks the backend for the device.)doc");
+      nb::sig("def gather_dequantize_blocks(packed: " BP_ARRAYS
+              ", scales: " BP_ARRAYS ", biases: " BP_ARRAYS ", " BP_IDS
+              ", *, " BP_QUANT ", " BP_STREAM ") -> " BP_ARRAY_LIST),
+      BP_DOC("gather_dequantize_blocks"));
 
   m.def(
       "scatter_blocks",
@@ -117,29 +118,20 @@ errors, and picks the backend for the device.)doc");
       },
       "pools"_a, "block_ids"_a, "sources"_a, "offsets"_a = nb::none(),
       nb::kw_only(), "stream"_a = nb::none(),
-      nb::sig("def scatter_blocks(pools: collections.abc.Sequence[mlx.core.array], "
-              "block_ids: collections.abc.Sequence[collections.abc.Sequence[int] | mlx.core.array], "
-              "sources: collections.abc.Sequence[mlx.core.array], "
-              "offsets: collections.abc.Sequence[int] | None = None, "
-              "*, stream: mlx.core.Stream | mlx.core.Device | None = None) "
-              "-> list[mlx.core.array]"),
-      R"doc(The native scatter_blocks: validates, then builds the graph node.
-
-Use blockpool.ops.scatter_blocks, which documents the arguments, results and
-errors, and picks the backend for the device.)doc");
+      nb::sig("def scatter_blocks(pools: " BP_ARRAYS ", " BP_IDS
+              ", sources: " BP_ARRAYS
+              ", offsets: collections.abc.Sequence[int] | None = None"
+              ", *, " BP_STREAM ") -> " BP_ARRAY_LIST),
+      BP_DOC("scatter_blocks"));
 
   m.def(
       "concat_blocks",
       [](const std::vector<std::vector<mx::array>>& blocks,
          mx::StreamOrDevice s) { return blockpool::concat_blocks(blocks, s); },
       "blocks"_a, nb::kw_only(), "stream"_a = nb::none(),
-      nb::sig("def concat_blocks(blocks: collections.abc.Sequence[collections.abc.Sequence[mlx.core.array]], "
-              "*, stream: mlx.core.Stream | mlx.core.Device | None = None) "
-              "-> list[mlx.core.array]"),
-      R"doc(The native concat_blocks: validates, then builds the graph node.
-
-Use blockpool.ops.concat_blocks, which documents the arguments, results and
-errors, and picks the backend for the device.)doc");
+      nb::sig("def concat_blocks(blocks: " BP_NESTED ", *, " BP_STREAM
+              ") -> " BP_ARRAY_LIST),
+      BP_DOC("concat_blocks"));
 
   m.def(
       "concat_dequantize_blocks",
@@ -152,16 +144,10 @@ errors, and picks the backend for the device.)doc");
       },
       "packed"_a, "scales"_a, "biases"_a, nb::kw_only(), "group_size"_a = 64,
       "bits"_a = 4, "stream"_a = nb::none(),
-      nb::sig("def concat_dequantize_blocks(packed: collections.abc.Sequence[collections.abc.Sequence[mlx.core.array]], "
-              "scales: collections.abc.Sequence[collections.abc.Sequence[mlx.core.array]], "
-              "biases: collections.abc.Sequence[collections.abc.Sequence[mlx.core.array]], "
-              "*, group_size: int = 64, bits: int = 4, "
-              "stream: mlx.core.Stream | mlx.core.Device | None = None) "
-              "-> list[mlx.core.array]"),
-      R"doc(The native concat_dequantize_blocks: validates, then builds the graph node.
-
-Use blockpool.ops.concat_dequantize_blocks, which documents the arguments, results and
-errors, and picks the backend for the device.)doc");
+      nb::sig("def concat_dequantize_blocks(packed: " BP_NESTED
+              ", scales: " BP_NESTED ", biases: " BP_NESTED ", *, " BP_QUANT
+              ", " BP_STREAM ") -> " BP_ARRAY_LIST),
+      BP_DOC("concat_dequantize_blocks"));
 
   m.def(
       "split_blocks",
@@ -174,14 +160,10 @@ errors, and picks the backend for the device.)doc");
       },
       "sources"_a, "offsets"_a, "heads"_a, nb::kw_only(),
       "block_tokens"_a = 256, "stream"_a = nb::none(),
-      nb::sig("def split_blocks(sources: collections.abc.Sequence[mlx.core.array], "
-              "offsets: collections.abc.Sequence[int], "
-              "heads: collections.abc.Sequence[mlx.core.array | None], "
-              "*, block_tokens: int = 256, "
-              "stream: mlx.core.Stream | mlx.core.Device | None = None) "
-              "-> list[list[mlx.core.array]]"),
-      R"doc(The native split_blocks: validates, then builds the graph node.
-
-Use blockpool.ops.split_blocks, which documents the arguments, results and
-errors, and picks the backend for the device.)doc");
+      nb::sig("def split_blocks(sources: " BP_ARRAYS
+              ", offsets: collections.abc.Sequence[int]"
+              ", heads: collections.abc.Sequence[mlx.core.array | None]"
+              ", *, block_tokens: int = 256, " BP_STREAM
+              ") -> list[list[mlx.core.array]]"),
+      BP_DOC("split_blocks"));
 }

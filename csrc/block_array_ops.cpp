@@ -86,8 +86,8 @@ std::vector<mx::array> concat_blocks(
   }
   return mx::array::make_arrays(
       std::move(shapes), dtypes,
-      std::make_shared<ConcatBlocks>(stream, std::move(entries),
-                                     std::move(block_inputs)),
+      std::make_shared<ConcatBlocks>(
+          stream, JoinParams{std::move(entries), std::move(block_inputs)}),
       inputs.arrays());
 }
 
@@ -178,8 +178,8 @@ std::vector<mx::array> concat_dequantize_blocks(
   return mx::array::make_arrays(
       std::move(shapes), dtypes,
       std::make_shared<ConcatDequantizeBlocks>(
-          stream, std::move(entries), std::move(block_inputs), group_size,
-          bits),
+          stream, JoinParams{std::move(entries), std::move(block_inputs),
+                             group_size, bits}),
       inputs.arrays());
 }
 
@@ -217,7 +217,8 @@ std::vector<std::vector<mx::array>> split_blocks(
     }
     auto flat = mx::array::make_arrays(
         std::move(shapes), dtypes,
-        std::make_shared<SplitBlocks>(stream, std::move(entries), block_tokens),
+        std::make_shared<SplitBlocks>(
+            stream, SplitParams{std::move(entries), block_tokens}),
         inputs.arrays());
     size_t next = 0;
     for (const auto& [owner, n] : owners) {

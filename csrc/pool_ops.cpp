@@ -73,8 +73,8 @@ std::vector<mx::array> gather_blocks(const std::vector<mx::array>& pools,
   all.insert(all.end(), ids.traced.begin(), ids.traced.end());
   return mx::array::make_arrays(
       std::move(shapes), dtypes,
-      std::make_shared<GatherBlocks>(stream, std::move(entries),
-                                     std::move(ids.host)),
+      std::make_shared<GatherBlocks>(
+          stream, PooledParams{std::move(entries), std::move(ids.host)}),
       all);
 }
 
@@ -164,7 +164,8 @@ std::vector<mx::array> gather_dequantize_blocks(
   return mx::array::make_arrays(
       std::move(shapes), dtypes,
       std::make_shared<GatherDequantizeBlocks>(
-          stream, std::move(entries), std::move(ids.host), group_size, bits),
+          stream, PooledParams{std::move(entries), std::move(ids.host),
+                               group_size, bits}),
       all);
 }
 
@@ -278,8 +279,8 @@ std::vector<mx::array> scatter_blocks(const std::vector<mx::array>& pools,
     auto dtype = unique[p].dtype();
     updated.emplace_back(
         std::move(shape), dtype,
-        std::make_shared<ScatterBlocks>(stream, std::move(entries),
-                                        std::move(host)),
+        std::make_shared<ScatterBlocks>(
+            stream, PooledParams{std::move(entries), std::move(host)}),
         std::move(node_inputs));
   }
   unique.clear();  // the graph holds the only reference we keep

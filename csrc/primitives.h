@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "mlx/primitives.h"
@@ -48,159 +49,116 @@ struct SplitEntry {
   bool operator==(const SplitEntry&) const = default;
 };
 
-// Inputs: [pools..., traced ids...]. Outputs: one [1, H, n*B, D] per entry.
-class GatherBlocks : public mx::Primitive {
+// What a pooled primitive records: its entries, host-known ids and, to
+// dequantize, the quantization.
+struct PooledParams {
+  std::vector<BlockEntry> entries;
+  std::vector<int32_t> host_ids;
+  int group_size = 0;
+  int bits = 0;
+  bool operator==(const PooledParams&) const = default;
+};
+
+// What a per-block join records: its entries, which input is each block
+// (three per block to dequantize) and, to dequantize, the quantization.
+struct JoinParams {
+  std::vector<JoinEntry> entries;
+  std::vector<int> block_inputs;
+  int group_size = 0;
+  int bits = 0;
+  bool operator==(const JoinParams&) const = default;
+};
+
+struct SplitParams {
+  std::vector<SplitEntry> entries;
+  int64_t block_tokens = 0;
+  bool operator==(const SplitParams&) const = default;
+};
+
+using Arrays = std::vector<mx::array>;
+
+// The declarations every block primitive shares: it records its parameters
+// and nothing else, and two nodes are equivalent when their parameters are.
+// Each primitive below adds its name and the backend entry points (eval_cpu
+// in cpu/, eval_gpu in metal/, output_shapes in primitives.cpp).
+template <typename Params, typename Base = mx::Primitive>
+class BlockPrimitive : public Base {
  public:
-  GatherBlocks(mx::Stream stream, std::vector<BlockEntry> entries,
-               std::vector<int32_t> host_ids)
-      : mx::Primitive(stream),
-        entries_(std::move(entries)),
-        host_ids_(std::move(host_ids)) {}
+  BlockPrimitive(mx::Stream stream, Params params)
+      : Base(stream), params_(std::move(params)) {}
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return params_ == static_cast<const BlockPrimitive&>(other).params_;
+  }
 
-  void eval_cpu(const std::vector<mx::array>& inputs,
-                std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs,
-                std::vector<mx::array>& outputs) override;
+ protected:
+  Params params_;
+};
+
+// Inputs: [pools..., traced ids...]. Outputs: one [1, H, n*B, D] per entry.
+class GatherBlocks : public BlockPrimitive<PooledParams> {
+ public:
+  using BlockPrimitive::BlockPrimitive;
   const char* name() const override { return "GatherBlocks"; }
-  bool is_equivalent(const mx::Primitive& other) const override;
-  std::vector<mx::Shape> output_shapes(
-      const std::vector<mx::array>& inputs) override;
-
- private:
-  std::vector<BlockEntry> entries_;
-  std::vector<int32_t> host_ids_;
+  void eval_cpu(const Arrays& inputs, Arrays& outputs) override;
+  void eval_gpu(const Arrays& inputs, Arrays& outputs) override;
+  std::vector<mx::Shape> output_shapes(const Arrays& inputs) override;
 };
 
 // Inputs: [packed..., scales..., biases..., traced ids...] (roles by entry).
 // Outputs: one float array per entry, in that entry's scales dtype.
-class GatherDequantizeBlocks : public mx::Primitive {
+class GatherDequantizeBlocks : public BlockPrimitive<PooledParams> {
  public:
-  GatherDequantizeBlocks(mx::Stream stream, std::vector<BlockEntry> entries,
-                         std::vector<int32_t> host_ids, int group_size,
-                         int bits)
-      : mx::Primitive(stream),
-        entries_(std::move(entries)),
-        host_ids_(std::move(host_ids)),
-        group_size_(group_size),
-        bits_(bits) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs,
-                std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs,
-                std::vector<mx::array>& outputs) override;
+  using BlockPrimitive::BlockPrimitive;
   const char* name() const override { return "GatherDequantizeBlocks"; }
-  bool is_equivalent(const mx::Primitive& other) const override;
-  std::vector<mx::Shape> output_shapes(
-      const std::vector<mx::array>& inputs) override;
-
- private:
-  std::vector<BlockEntry> entries_;
-  std::vector<int32_t> host_ids_;
-  int group_size_;
-  int bits_;
+  void eval_cpu(const Arrays& inputs, Arrays& outputs) override;
+  void eval_gpu(const Arrays& inputs, Arrays& outputs) override;
+  std::vector<mx::Shape> output_shapes(const Arrays& inputs) override;
 };
 
 // Inputs: [pool, sources..., traced ids...]. Output: the updated pool. One
 // node per distinct pool array, single-output so MLX's buffer donation
 // applies (every output of a multi-output node holds its own reference to
 // the inputs, which would make the pool look shared).
-class ScatterBlocks : public mx::UnaryPrimitive {
+class ScatterBlocks : public BlockPrimitive<PooledParams, mx::UnaryPrimitive> {
  public:
-  ScatterBlocks(mx::Stream stream, std::vector<BlockEntry> entries,
-                std::vector<int32_t> host_ids)
-      : mx::UnaryPrimitive(stream),
-        entries_(std::move(entries)),
-        host_ids_(std::move(host_ids)) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs,
-                mx::array& output) override;
-  void eval_gpu(const std::vector<mx::array>& inputs,
-                mx::array& output) override;
+  using BlockPrimitive::BlockPrimitive;
   const char* name() const override { return "ScatterBlocks"; }
-  bool is_equivalent(const mx::Primitive& other) const override;
-  std::vector<mx::Shape> output_shapes(
-      const std::vector<mx::array>& inputs) override;
-
- private:
-  std::vector<BlockEntry> entries_;
-  std::vector<int32_t> host_ids_;
+  void eval_cpu(const Arrays& inputs, mx::array& output) override;
+  void eval_gpu(const Arrays& inputs, mx::array& output) override;
+  std::vector<mx::Shape> output_shapes(const Arrays& inputs) override;
 };
 
 // Inputs: the distinct block arrays [H, B, D]. Outputs: one
 // [1, H, n*B, D] per entry.
-class ConcatBlocks : public mx::Primitive {
+class ConcatBlocks : public BlockPrimitive<JoinParams> {
  public:
-  ConcatBlocks(mx::Stream stream, std::vector<JoinEntry> entries,
-               std::vector<int> block_inputs)
-      : mx::Primitive(stream),
-        entries_(std::move(entries)),
-        block_inputs_(std::move(block_inputs)) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs,
-                std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs,
-                std::vector<mx::array>& outputs) override;
+  using BlockPrimitive::BlockPrimitive;
   const char* name() const override { return "ConcatBlocks"; }
-  bool is_equivalent(const mx::Primitive& other) const override;
-  std::vector<mx::Shape> output_shapes(
-      const std::vector<mx::array>& inputs) override;
-
- private:
-  std::vector<JoinEntry> entries_;
-  std::vector<int> block_inputs_;
+  void eval_cpu(const Arrays& inputs, Arrays& outputs) override;
+  void eval_gpu(const Arrays& inputs, Arrays& outputs) override;
+  std::vector<mx::Shape> output_shapes(const Arrays& inputs) override;
 };
 
 // Inputs: the distinct packed, scales and biases block arrays. Outputs: one
 // float [1, H, n*B, D] per entry, in that entry's scales dtype.
-class ConcatDequantizeBlocks : public mx::Primitive {
+class ConcatDequantizeBlocks : public BlockPrimitive<JoinParams> {
  public:
-  ConcatDequantizeBlocks(mx::Stream stream, std::vector<JoinEntry> entries,
-                         std::vector<int> block_inputs, int group_size,
-                         int bits)
-      : mx::Primitive(stream),
-        entries_(std::move(entries)),
-        block_inputs_(std::move(block_inputs)),
-        group_size_(group_size),
-        bits_(bits) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs,
-                std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs,
-                std::vector<mx::array>& outputs) override;
+  using BlockPrimitive::BlockPrimitive;
   const char* name() const override { return "ConcatDequantizeBlocks"; }
-  bool is_equivalent(const mx::Primitive& other) const override;
-  std::vector<mx::Shape> output_shapes(
-      const std::vector<mx::array>& inputs) override;
-
- private:
-  std::vector<JoinEntry> entries_;
-  std::vector<int> block_inputs_;
-  int group_size_;
-  int bits_;
+  void eval_cpu(const Arrays& inputs, Arrays& outputs) override;
+  void eval_gpu(const Arrays& inputs, Arrays& outputs) override;
+  std::vector<mx::Shape> output_shapes(const Arrays& inputs) override;
 };
 
 // Inputs: the distinct sources and head blocks. Outputs: every entry's
 // blocks [H, B, D], entry after entry.
-class SplitBlocks : public mx::Primitive {
+class SplitBlocks : public BlockPrimitive<SplitParams> {
  public:
-  SplitBlocks(mx::Stream stream, std::vector<SplitEntry> entries,
-              int64_t block_tokens)
-      : mx::Primitive(stream),
-        entries_(std::move(entries)),
-        block_tokens_(block_tokens) {}
-
-  void eval_cpu(const std::vector<mx::array>& inputs,
-                std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs,
-                std::vector<mx::array>& outputs) override;
+  using BlockPrimitive::BlockPrimitive;
   const char* name() const override { return "SplitBlocks"; }
-  bool is_equivalent(const mx::Primitive& other) const override;
-  std::vector<mx::Shape> output_shapes(
-      const std::vector<mx::array>& inputs) override;
-
- private:
-  std::vector<SplitEntry> entries_;
-  int64_t block_tokens_;
+  void eval_cpu(const Arrays& inputs, Arrays& outputs) override;
+  void eval_gpu(const Arrays& inputs, Arrays& outputs) override;
+  std::vector<mx::Shape> output_shapes(const Arrays& inputs) override;
 };
 
 }  // namespace blockpool

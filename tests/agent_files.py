@@ -55,14 +55,24 @@ def write_raw_agent_file(path, tensors: dict[str, np.ndarray], metadata: dict[st
     and then over the JSON (sorted keys) of the other metadata. It lets tests
     craft files that pass every check up to the structure.
     """
-    codes = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.uint16): "BF16",
-             np.dtype(np.uint32): "U32", np.dtype(np.int32): "I32", np.dtype(np.uint8): "U8"}
+    codes = {
+        np.dtype(np.float32): "F32",
+        np.dtype(np.float16): "F16",
+        np.dtype(np.uint16): "BF16",
+        np.dtype(np.uint32): "U32",
+        np.dtype(np.int32): "I32",
+        np.dtype(np.uint8): "U8",
+    }
     header, chunks, offset = {}, [], 0
     digest = hashlib.sha256()
     for name in sorted(tensors):
         array = np.ascontiguousarray(tensors[name])
         raw = array.tobytes()
-        header[name] = {"dtype": codes[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + len(raw)]}
+        header[name] = {
+            "dtype": codes[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
         digest.update(raw)
         chunks.append(raw)
         offset += len(raw)
@@ -102,7 +112,9 @@ def run_on_tmpfs(mount_point: Path, size: str, command: list[str], *, then_read_
     if then_read_only is not None:
         steps += [shlex.join(then_read_only), f"mount -o remount,ro {shlex.quote(str(mount_point))}"]
     steps.append("exec " + shlex.join(command))
-    result = subprocess.run(["unshare", "-rm", "sh", "-c", " && ".join(steps)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", " && ".join(steps)], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

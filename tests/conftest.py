@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
+
 import tiny_models
 from blockpool import ModelCacheSpec
 from tiny_models import tiny_model

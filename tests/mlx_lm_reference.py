@@ -12,7 +12,9 @@ def mlx_lm_tokens(model, tokenizer, prompt: list[int], max_tokens: int, **kwargs
     Stops at EOS (which it includes) or after ``max_tokens`` tokens.
     """
     cache = make_prompt_cache(model)
-    return [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, prompt_cache=cache, **kwargs)]
+    return [
+        r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, prompt_cache=cache, **kwargs)
+    ]
 
 
 def mlx_lm_text(tokenizer, tokens: list[int]) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlx.core as mx
+
 from blockpool import demo_model
 from blockpool.demo_model import VOCAB_SIZE
 
@@ -105,6 +106,7 @@ CONFIGS: dict[str, dict] = {
     },
 }
 
+
 def build_model(arch: str, dtype: mx.Dtype = mx.float32, seed: int = 0):
     """A model of architecture ``arch`` with scaled random weights, in memory."""
     return demo_model.build_model(CONFIGS[arch], dtype, seed)
@@ -134,7 +136,8 @@ class FailingModel:
     """The real model, except that once ``armed``, its next forward pass over ``batch``
     sequences raises ``error`` from inside the call (a device failure, or Ctrl-C)."""
 
-    def __init__(self, model, batch: int = 2, error: BaseException = RuntimeError("simulated device failure")):
+    def __init__(self, model, batch: int = 2, error: BaseException | None = None):
+        error = error if error is not None else RuntimeError("simulated device failure")
         self._model, self.batch, self.error, self.armed, self.calls = model, batch, error, False, 0
 
     def __call__(self, inputs, *args, **kwargs):

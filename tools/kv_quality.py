@@ -110,10 +110,17 @@ def _quantized_round_trip(bits: int, group_size: int):
     return round_trip
 
 
-def stored_history(method: str, spec: ModelCacheSpec, caches: list, history: list[int], bits: int | None, group_size: int):
+def stored_history(
+    method: str, spec: ModelCacheSpec, caches: list, history: list[int], bits: int | None, group_size: int
+):
     """Caches holding ``history`` as ``method`` stores it (``bits=None``: unquantized), or None if it cannot."""
     if method == "blockpool":
-        pool = BlockPool(spec, num_blocks=spec.num_layers * (len(history) // spec.block_tokens + 2), kv_bits=bits, kv_group_size=group_size)
+        pool = BlockPool(
+            spec,
+            num_blocks=spec.num_layers * (len(history) // spec.block_tokens + 2),
+            kv_bits=bits,
+            kv_group_size=group_size,
+        )
         agent = from_mlx_caches(pool, caches, history, AgentBlocks.empty("history", spec))
         rebuilt = to_mlx_caches(pool, agent)
         mx.eval([c.state for c in rebuilt])
@@ -179,12 +186,15 @@ def table(scores: dict, configs: list[tuple[int | None, int]], full_bits: int = 
     rows = [
         f"Full precision: perplexity {full.perplexity:.3f} over {full.positions} positions.",
         "",
-        "| KV bits | group | blockpool agreement | blockpool PPL (change) | blockpool KL | oracle = blockpool | mlx-lm agreement | mlx-lm PPL (change) | mlx-lm KL |",
+        "| KV bits | group | blockpool agreement | blockpool PPL (change) | blockpool "
+        "KL | oracle = blockpool | mlx-lm agreement | mlx-lm PPL (change) | mlx-lm KL |",
         "|---:|---:|---:|---:|---:|:---:|---:|---:|---:|",
     ]
     for bits, group in configs:
         b, o, m = (scores.get((k, bits, group)) for k in METHODS)
-        same = "yes" if o is not None and b.agree == o.agree and abs(b.nll - o.nll) < 1e-6 * max(1.0, abs(o.nll)) else "no"
+        same = (
+            "yes" if o is not None and b.agree == o.agree and abs(b.nll - o.nll) < 1e-6 * max(1.0, abs(o.nll)) else "no"
+        )
         cells = [f"{bits or full_bits}", f"{group if bits else '-'}"]
         for s, extra in ((b, None), (m, same)):
             if extra is not None:
@@ -220,11 +230,17 @@ def main() -> None:
     configs = [(None, 64)] + [(bits, g) for bits in (8, 4) for g in (32, 64, 128)]
     start = time.perf_counter()
     scores = measure(model, windows, args.history, configs)
-    print(f"{len(windows)} windows of {args.history} + {args.continuation} tokens, {args.dtype}, {sys.version.split()[0]}, "
-          f"{time.perf_counter() - start:.0f} s\n")
+    print(
+        f"{len(windows)} windows of {args.history} + {args.continuation} "
+        f"tokens, {args.dtype}, {sys.version.split()[0]}, "
+        f"{time.perf_counter() - start:.0f} s\n"
+    )
     print(table(scores, configs, full_bits=8 * getattr(mx, args.dtype).size))
     worst = {k: min(s.per_window_agreement) for k, s in scores.items() if k[0] == "blockpool"}
-    print("\nlowest per-window blockpool agreement:", {f"{b or 'full'}/{g}": round(v, 4) for (_, b, g), v in worst.items()})
+    print(
+        "\nlowest per-window blockpool agreement:",
+        {f"{b or 'full'}/{g}": round(v, 4) for (_, b, g), v in worst.items()},
+    )
 
 
 if __name__ == "__main__":

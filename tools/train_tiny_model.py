@@ -150,8 +150,7 @@ def chat_samples(source: str, rng: random.Random) -> list[str]:
         system = f"You are the {role} of a team that maintains the Python standard library."
         user = f"Write {node.name}({args}). {summary}"
         out.append(
-            f"{IM_START}system\n{system}{IM_END}\n{IM_START}user\n{user}{IM_END}\n"
-            f"{IM_START}assistant\n{body}{IM_END}\n"
+            f"{IM_START}system\n{system}{IM_END}\n{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n{body}{IM_END}\n"
         )
     return out
 
@@ -207,7 +206,9 @@ def build_torch_model(config: dict):
         return torch.cos(angles), torch.sin(angles)
 
     window = config.get("sliding_window")
-    sliding = [t == "sliding_attention" for t in config.get("layer_types") or ["full_attention"] * config["num_hidden_layers"]]
+    sliding = [
+        t == "sliding_attention" for t in config.get("layer_types") or ["full_attention"] * config["num_hidden_layers"]
+    ]
 
     def window_mask(length: int):
         # mlx-lm's create_causal_mask: query i sees key j when j <= i < j + window.
@@ -338,7 +339,8 @@ def stage_data(work: Path, seed: int) -> dict:
     record = {
         "python": sys.version.split()[0],
         "stdlib": str(root),
-        "rule": "*.py under the stdlib, minus site-packages, test/tests/idle_test dirs, encodings/, pydoc_data/topics.py",
+        "rule": "*.py under the stdlib, minus site-packages, "
+        "test/tests/idle_test dirs, encodings/, pydoc_data/topics.py",
         "heldout_fraction": HELDOUT_FRACTION,
         "split_seed": seed,
         "train_files": len(train_files),
@@ -378,7 +380,10 @@ def evaluate(model, batch: np.ndarray) -> float:
     with torch.no_grad():
         x = torch.from_numpy(batch[:, :-1].astype(np.int64))
         y = torch.from_numpy(batch[:, 1:].astype(np.int64))
-        losses = [F.cross_entropy(model(x[i : i + 4]).flatten(0, 1), y[i : i + 4].flatten()).item() for i in range(0, len(x), 4)]
+        losses = [
+            F.cross_entropy(model(x[i : i + 4]).flatten(0, 1), y[i : i + 4].flatten()).item()
+            for i in range(0, len(x), 4)
+        ]
     model.train()
     return float(np.mean(losses))
 
@@ -400,7 +405,8 @@ def stage_train(work: Path, seed: int, bench: bool, init_from: Path | None = Non
     no_decay = [p for p in model.parameters() if p.ndim == 1]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": t["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t["lr"], betas=t["betas"],
+        lr=t["lr"],
+        betas=t["betas"],
     )
     rng = np.random.default_rng(seed)
     history: dict = {"train": [], "heldout": []}
@@ -438,21 +444,39 @@ def stage_train(work: Path, seed: int, bench: bool, init_from: Path | None = Non
         if (step + 1) % 10 == 0:
             now = time.time()
             history["train"].append([step + 1, round(float(np.mean(window_loss)), 4)])
-            print(f"step {step + 1:5d}  loss {np.mean(window_loss):.4f}  lr {lr_at(step):.2e}  {(now - last) / 10:.2f} s/step", flush=True)
+            print(
+                f"step {step + 1:5d}  loss {np.mean(window_loss):.4f}  "
+                f"lr {lr_at(step):.2e}  {(now - last) / 10:.2f} s/step",
+                flush=True,
+            )
             window_loss, last = [], now
         if (step + 1) % t["eval_every"] == 0 or step + 1 == t["steps"]:
             held = evaluate(model, held_batch)
             history["heldout"].append([step + 1, round(held, 4)])
             print(f"step {step + 1:5d}  held-out loss {held:.4f}  ({time.time() - started:.0f} s)", flush=True)
         if (step + 1) % t["checkpoint_every"] == 0 or step + 1 == t["steps"]:
-            state = {"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.bit_generator.state, "history": history, "step": step + 1}
+            state = {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "rng": rng.bit_generator.state,
+                "history": history,
+                "step": step + 1,
+            }
             torch.save(state, work / "checkpoint.tmp")
             os.replace(work / "checkpoint.tmp", ckpt)
     # Final losses on fixed windows: the held-out ones above, and as many train windows.
     train_batch = heldout_batch(train_ids, t["eval_sequences"], t["seq_len"])
-    final = {"train_loss": round(evaluate(model, train_batch), 4), "heldout_loss": round(evaluate(model, held_batch), 4)}
+    final = {
+        "train_loss": round(evaluate(model, train_batch), 4),
+        "heldout_loss": round(evaluate(model, held_batch), 4),
+    }
     torch.save(model.state_dict(), work / "model.pt")
-    result = {"history": history, "final": final, "parameters": n_params, "train_seconds_this_run": round(time.time() - started)}
+    result = {
+        "history": history,
+        "final": final,
+        "parameters": n_params,
+        "train_seconds_this_run": round(time.time() - started),
+    }
     (work / "train.json").write_text(json.dumps(result, indent=2))
     print(f"final: {final}", flush=True)
     return result
@@ -472,7 +496,12 @@ def stage_export(work: Path, out: Path, seed: int) -> None:
     tok = json.loads((work / "tokenizer.json").read_text())
     (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
     ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
-    config = {**MODEL_CONFIG, "eos_token_id": [ids[EOS], ids[IM_END]], "bos_token_id": ids[EOS], "torch_dtype": "float16"}
+    config = {
+        **MODEL_CONFIG,
+        "eos_token_id": [ids[EOS], ids[IM_END]],
+        "bos_token_id": ids[EOS],
+        "torch_dtype": "float16",
+    }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -492,7 +521,12 @@ def stage_export(work: Path, out: Path, seed: int) -> None:
         "seed": seed,
         "corpus": corpus,
         "model": MODEL_CONFIG,
-        "hyperparameters": {**TRAIN, "optimizer": "AdamW", "schedule": "linear warmup, cosine decay to min_lr", "threads": 1},
+        "hyperparameters": {
+            **TRAIN,
+            "optimizer": "AdamW",
+            "schedule": "linear warmup, cosine decay to min_lr",
+            "threads": 1,
+        },
         "torch": torch.__version__,
         **trained,
     }
@@ -524,8 +558,16 @@ def stage_check(work: Path, out: Path) -> dict:
         diff = float(np.abs(got - ref).max())
         spread = float(ref.max() - ref.min())
         agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
-        results[label] = {"max_abs_logit_diff": diff, "logit_range": spread, "argmax_agreement": agree, "tokens": int(tokens.size)}
-        print(f"check [{label}]: max |diff| {diff:.2e} over a logit range of {spread:.1f}, argmax agreement {agree:.4f}", flush=True)
+        results[label] = {
+            "max_abs_logit_diff": diff,
+            "logit_range": spread,
+            "argmax_agreement": agree,
+            "tokens": int(tokens.size),
+        }
+        print(
+            f"check [{label}]: max |diff| {diff:.2e} over a logit range of {spread:.1f}, argmax agreement {agree:.4f}",
+            flush=True,
+        )
     record = json.loads((out / "training.json").read_text())
     record["conversion_check"] = results
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -542,7 +584,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, help=f"peak learning rate (default {TRAIN['lr']})")
     parser.add_argument("--warmup", type=int, help=f"warmup steps (default {TRAIN['warmup_steps']})")
     parser.add_argument("--init-from", type=Path, help="start from this trained model.pt (fine-tuning)")
-    parser.add_argument("--sliding-window", type=int, help="a sliding-window variant: layers 0 and 2 see this many tokens")
+    parser.add_argument(
+        "--sliding-window", type=int, help="a sliding-window variant: layers 0 and 2 see this many tokens"
+    )
     parser.add_argument("--stage", choices=["all", "data", "train", "export", "check"], default="all")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -557,7 +601,10 @@ def main() -> None:
         MODEL_CONFIG["sliding_window"] = args.sliding_window
         MODEL_CONFIG["layer_types"] = ["sliding_attention", "full_attention"] * (MODEL_CONFIG["num_hidden_layers"] // 2)
     if args.stage in ("all", "data"):
-        print(json.dumps({k: v for k, v in stage_data(args.work, args.seed).items() if k != "heldout_files"}, indent=1), flush=True)
+        print(
+            json.dumps({k: v for k, v in stage_data(args.work, args.seed).items() if k != "heldout_files"}, indent=1),
+            flush=True,
+        )
     if args.stage in ("all", "train"):
         stage_train(args.work, args.seed, args.bench, args.init_from)
         if args.bench:

@@ -17,9 +17,9 @@ void GatherBlocks::eval_cpu(const std::vector<mx::array>& inputs,
   auto& encoder = cpu::encode_io(stream(), inputs, outputs);
   encoder.dispatch([slots = layouts_of(inputs, outputs),
                     base = cpu::base_pointers(inputs, outputs),
-                    traced = cpu::traced_ids(entries_, inputs, "gather_blocks"),
+                    traced = cpu::traced_ids(params_.entries, inputs, "gather_blocks"),
                     num_inputs = static_cast<int>(inputs.size()),
-                    entries = entries_, host = host_ids_]() {
+                    entries = params_.entries, host = params_.host_ids]() {
     auto ids = id_spans(entries, host, traced);
     cpu::run_copy_plan(plan_gather(slots, num_inputs, entries, ids), base);
   });
@@ -47,9 +47,9 @@ void ScatterBlocks::eval_cpu(const std::vector<mx::array>& inputs,
   std::vector<mx::array> outputs{out};
   encoder.dispatch([slots = layouts_of(inputs, outputs),
                     base = cpu::base_pointers(inputs, outputs),
-                    traced = cpu::traced_ids(entries_, inputs, "scatter_blocks"),
+                    traced = cpu::traced_ids(params_.entries, inputs, "scatter_blocks"),
                     num_inputs = static_cast<int>(inputs.size()),
-                    entries = entries_, host = host_ids_, donated]() {
+                    entries = params_.entries, host = params_.host_ids, donated]() {
     auto ids = id_spans(entries, host, traced);
     cpu::run_copy_plan(plan_scatter(slots, num_inputs, entries, ids, donated),
                        base);
@@ -62,7 +62,7 @@ void ConcatBlocks::eval_cpu(const std::vector<mx::array>& inputs,
   encoder.dispatch([slots = layouts_of(inputs, outputs),
                     base = cpu::base_pointers(inputs, outputs),
                     num_inputs = static_cast<int>(inputs.size()),
-                    entries = entries_, block_inputs = block_inputs_]() {
+                    entries = params_.entries, block_inputs = params_.block_inputs]() {
     cpu::run_copy_plan(plan_concat(slots, num_inputs, entries, block_inputs),
                        base);
   });
@@ -74,7 +74,7 @@ void SplitBlocks::eval_cpu(const std::vector<mx::array>& inputs,
   encoder.dispatch([slots = layouts_of(inputs, outputs),
                     base = cpu::base_pointers(inputs, outputs),
                     num_inputs = static_cast<int>(inputs.size()),
-                    entries = entries_, block_tokens = block_tokens_]() {
+                    entries = params_.entries, block_tokens = params_.block_tokens]() {
     cpu::run_copy_plan(plan_split(slots, num_inputs, entries, block_tokens),
                        base);
   });

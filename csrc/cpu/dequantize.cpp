@@ -242,9 +242,9 @@ void GatherDequantizeBlocks::eval_cpu(const std::vector<mx::array>& inputs,
   encoder.dispatch(
       [slots = layouts_of(inputs, outputs),
        base = cpu::base_pointers(inputs, outputs),
-       traced = cpu::traced_ids(entries_, inputs, "gather_dequantize_blocks"),
-       num_inputs = static_cast<int>(inputs.size()), entries = entries_,
-       host = host_ids_, group_size = group_size_, bits = bits_]() {
+       traced = cpu::traced_ids(params_.entries, inputs, "gather_dequantize_blocks"),
+       num_inputs = static_cast<int>(inputs.size()), entries = params_.entries,
+       host = params_.host_ids, group_size = params_.group_size, bits = params_.bits]() {
         auto ids = id_spans(entries, host, traced);
         cpu::run_dequant_plan(
             plan_gather_dequantize(slots, num_inputs, entries, ids, group_size, bits),
@@ -258,8 +258,8 @@ void ConcatDequantizeBlocks::eval_cpu(const std::vector<mx::array>& inputs,
   encoder.dispatch([slots = layouts_of(inputs, outputs),
                     base = cpu::base_pointers(inputs, outputs),
                     num_inputs = static_cast<int>(inputs.size()),
-                    entries = entries_, block_inputs = block_inputs_,
-                    group_size = group_size_, bits = bits_]() {
+                    entries = params_.entries, block_inputs = params_.block_inputs,
+                    group_size = params_.group_size, bits = params_.bits]() {
     cpu::run_dequant_plan(
         plan_concat_dequantize(slots, num_inputs, entries, block_inputs, group_size, bits),
         base, slots, group_size, bits);

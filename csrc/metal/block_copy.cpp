@@ -46,8 +46,8 @@ void GatherBlocks::eval_gpu(const std::vector<mx::array>& inputs,
                             std::vector<mx::array>& outputs) {
   allocate(outputs);
   auto slots = layouts_of(inputs, outputs);
-  auto ids = host_ids(entries_, host_ids_, "gather_blocks");
-  auto plan = plan_gather(slots, static_cast<int>(inputs.size()), entries_, ids);
+  auto ids = host_ids(params_.entries, params_.host_ids, "gather_blocks");
+  auto plan = plan_gather(slots, static_cast<int>(inputs.size()), params_.entries, ids);
   metal::encode_copy_plan(stream(), plan, inputs, outputs);
 }
 
@@ -63,9 +63,9 @@ void ScatterBlocks::eval_gpu(const std::vector<mx::array>& inputs,
   }
   std::vector<mx::array> outputs{out};
   auto slots = layouts_of(inputs, outputs);
-  auto ids = host_ids(entries_, host_ids_, "scatter_blocks");
+  auto ids = host_ids(params_.entries, params_.host_ids, "scatter_blocks");
   // Checked here, on the host, before anything is encoded.
-  auto plan = plan_scatter(slots, static_cast<int>(inputs.size()), entries_,
+  auto plan = plan_scatter(slots, static_cast<int>(inputs.size()), params_.entries,
                            ids, donated);
   metal::encode_copy_plan(stream(), plan, inputs, outputs);
 }
@@ -74,19 +74,19 @@ void GatherDequantizeBlocks::eval_gpu(const std::vector<mx::array>& inputs,
                                       std::vector<mx::array>& outputs) {
   allocate(outputs);
   auto slots = layouts_of(inputs, outputs);
-  auto ids = host_ids(entries_, host_ids_, "gather_dequantize_blocks");
+  auto ids = host_ids(params_.entries, params_.host_ids, "gather_dequantize_blocks");
   auto plan = plan_gather_dequantize(slots, static_cast<int>(inputs.size()),
-                                     entries_, ids, group_size_, bits_);
-  metal::encode_dequant_plan(stream(), plan, inputs, outputs, group_size_,
-                             bits_);
+                                     params_.entries, ids, params_.group_size, params_.bits);
+  metal::encode_dequant_plan(stream(), plan, inputs, outputs, params_.group_size,
+                             params_.bits);
 }
 
 void ConcatBlocks::eval_gpu(const std::vector<mx::array>& inputs,
                             std::vector<mx::array>& outputs) {
   allocate(outputs);
   auto slots = layouts_of(inputs, outputs);
-  auto plan = plan_concat(slots, static_cast<int>(inputs.size()), entries_,
-                          block_inputs_);
+  auto plan = plan_concat(slots, static_cast<int>(inputs.size()), params_.entries,
+                          params_.block_inputs);
   metal::encode_copy_plan(stream(), plan, inputs, outputs);
 }
 
@@ -95,18 +95,18 @@ void ConcatDequantizeBlocks::eval_gpu(const std::vector<mx::array>& inputs,
   allocate(outputs);
   auto slots = layouts_of(inputs, outputs);
   auto plan = plan_concat_dequantize(slots, static_cast<int>(inputs.size()),
-                                     entries_, block_inputs_, group_size_,
-                                     bits_);
-  metal::encode_dequant_plan(stream(), plan, inputs, outputs, group_size_,
-                             bits_);
+                                     params_.entries, params_.block_inputs, params_.group_size,
+                                     params_.bits);
+  metal::encode_dequant_plan(stream(), plan, inputs, outputs, params_.group_size,
+                             params_.bits);
 }
 
 void SplitBlocks::eval_gpu(const std::vector<mx::array>& inputs,
                            std::vector<mx::array>& outputs) {
   allocate(outputs);
   auto slots = layouts_of(inputs, outputs);
-  auto plan = plan_split(slots, static_cast<int>(inputs.size()), entries_,
-                         block_tokens_);
+  auto plan = plan_split(slots, static_cast<int>(inputs.size()), params_.entries,
+                         params_.block_tokens);
   metal::encode_copy_plan(stream(), plan, inputs, outputs);
 }
 

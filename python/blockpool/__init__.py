@@ -28,10 +28,10 @@ from blockpool.generate import (
     generate,
     stream_generate,
 )
-from blockpool.store import AgentMemory, MemoryStats
 from blockpool.ops import gather_blocks, scatter_blocks
 from blockpool.pool import AgentUsage, BlockPool, BlockWrite, PoolStats
 from blockpool.spec import BLOCK_TOKENS, Geometry, LayerSpec, ModelCacheSpec
+from blockpool.store import AgentMemory, MemoryStats
 
 __version__ = "0.1.0"
 

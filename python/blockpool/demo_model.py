@@ -103,12 +103,16 @@ def build_model(config: dict[str, Any], dtype: mx.Dtype = mx.float32, seed: int 
     return model
 
 
-def write_model_dir(path: Path, config: dict[str, Any] = RANDOM_LLAMA_CONFIG, dtype: mx.Dtype = mx.float32, seed: int = 0) -> Path:
+def write_model_dir(
+    path: Path, config: dict[str, Any] = RANDOM_LLAMA_CONFIG, dtype: mx.Dtype = mx.float32, seed: int = 0
+) -> Path:
     """Write a model directory that ``mlx_lm.load`` takes, and return its path."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model = build_model(config, dtype, seed)
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())), metadata={"format": "mlx"})
+    mx.save_safetensors(
+        str(path / "model.safetensors"), dict(tree_flatten(model.parameters())), metadata={"format": "mlx"}
+    )
     tokenizer_json = train_tokenizer_json(config["vocab_size"])
     (path / "tokenizer.json").write_text(tokenizer_json)
     eos_id = json.loads(tokenizer_json)["added_tokens"][0]["id"]

@@ -45,14 +45,22 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from blockpool.cache_conversion import to_mlx_caches
 from blockpool.engine import BlockPoolBatchEngine
 from blockpool.errors import InvalidRequestError
-from blockpool.store import AgentMemory
 from blockpool.pool import BlockPool
 from blockpool.prompt import to_token_ids, vocab_size_of
 from blockpool.spec import ModelCacheSpec
+from blockpool.store import AgentMemory
 
 DEFAULT_AGENT = "default"
 DEFAULT_MEMORY_BYTES = 1 << 30
-_UNSUPPORTED = ("prompt_cache", "max_kv_size", "kv_bits", "kv_group_size", "quantized_kv_start", "input_embeddings", "stop_tokens")
+_UNSUPPORTED = (
+    "prompt_cache",
+    "max_kv_size",
+    "kv_bits",
+    "kv_group_size",
+    "quantized_kv_start",
+    "input_embeddings",
+    "stop_tokens",
+)
 # The stores default_memory made, kept in the model object's own __dict__ (not in the module tree,
 # so parameters() never sees them): the store refers to the model, and the model to the store,
 # and the pair is freed together once the caller drops the model.
@@ -137,7 +145,9 @@ def stream_generate(
         GenerationError: The model failed while generating.
     """
     _refuse_unsupported(draft_model, kwargs)
-    options = _options(kwargs, ("sampler", "logits_processors", "stop", "prompt_progress_callback"), ("prefill_step_size",))
+    options = _options(
+        kwargs, ("sampler", "logits_processors", "stop", "prompt_progress_callback"), ("prefill_step_size",)
+    )
     _check_max_tokens(max_tokens)
     tokens = to_token_ids(tokenizer, prompt, vocab_size=vocab_size_of(model))
     memory = _memory_for(model, tokenizer, memory)
@@ -211,8 +221,11 @@ def generate(
         if not text or response is None:
             print("No text generated for this prompt")
             return text
-        print(f"Prompt: {response.prompt_tokens} tokens ({response.cached_tokens} from the {response.cache_source} cache), "
-              f"{response.prompt_tps:.3f} tokens-per-sec")
+        print(
+            f"Prompt: {response.prompt_tokens} tokens ({response.cached_tokens} "
+            f"from the {response.cache_source} cache), "
+            f"{response.prompt_tps:.3f} tokens-per-sec"
+        )
         print(f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec")
         print(f"Peak memory: {response.peak_memory:.3f} GB")
     return text
@@ -252,7 +265,9 @@ def batch_generate(
         raise InvalidRequestError("prompt_caches is not supported: the store keeps each agent's cache")
     _refuse_unsupported(None, kwargs)
     options = _options(
-        kwargs, ("sampler", "logits_processors", "stop"), ("completion_batch_size", "prefill_batch_size", "prefill_step_size", "stream")
+        kwargs,
+        ("sampler", "logits_processors", "stop"),
+        ("completion_batch_size", "prefill_batch_size", "prefill_step_size", "stream"),
     )
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
         raise InvalidRequestError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
@@ -314,7 +329,9 @@ def batch_generate(
     caches = [to_mlx_caches(memory.pool, done[uid].blocks) for uid in order] if return_prompt_caches else None
     if verbose:
         print(f"[batch_generate] Prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.3f} tokens-per-sec")
-        print(f"[batch_generate] Generation: {stats.generation_tokens} tokens, {stats.generation_tps:.3f} tokens-per-sec")
+        print(
+            f"[batch_generate] Generation: {stats.generation_tokens} tokens, {stats.generation_tps:.3f} tokens-per-sec"
+        )
         print(f"[batch_generate] Peak memory: {stats.peak_memory:.3f} GB")
     return BatchResponse(
         texts=texts,

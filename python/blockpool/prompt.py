@@ -176,7 +176,11 @@ def render_chat(
             raise InvalidRequestError(f"chat_template_kwargs may not set {reserved} (use tools= for tools)")
         kwargs.update(chat_template_kwargs)
     if tools is not None:
-        if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Sequence) or not all(isinstance(t, Mapping) for t in tools):
+        if (
+            isinstance(tools, (str, bytes, Mapping))
+            or not isinstance(tools, Sequence)
+            or not all(isinstance(t, Mapping) for t in tools)
+        ):
             raise InvalidRequestError("tools must be a list of tool definitions (dicts)")
         kwargs["tools"] = [dict(t) for t in tools]
     if getattr(tokenizer, "has_chat_template", True) is False:
@@ -268,7 +272,9 @@ def _text_part(part: Any, message: int, index: int) -> str:
         )
     text = part.get("text")
     if not isinstance(text, str):
-        raise InvalidRequestError(f"chat message {message}, part {index}: 'text' must be a string, got {type(text).__name__}")
+        raise InvalidRequestError(
+            f"chat message {message}, part {index}: 'text' must be a string, got {type(text).__name__}"
+        )
     return text
 
 
@@ -277,7 +283,7 @@ def _check_unicode(text: str, what: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise InvalidRequestError(
-            f"{what} is not valid Unicode: {text[e.start:e.end]!r} at position {e.start} (a lone surrogate?)"
+            f"{what} is not valid Unicode: {text[e.start : e.end]!r} at position {e.start} (a lone surrogate?)"
         ) from None
 
 
@@ -286,4 +292,13 @@ def _refuse_template_args(tools: Any, chat_template_kwargs: Any, kind: str) -> N
         raise InvalidRequestError(f"tools and chat_template_kwargs apply to chat messages only, not to {kind}")
 
 
-__all__ = ["Prompt", "as_id_list", "chat_messages", "encode_text", "is_chat", "render_chat", "to_token_ids", "vocab_size_of"]
+__all__ = [
+    "Prompt",
+    "as_id_list",
+    "chat_messages",
+    "encode_text",
+    "is_chat",
+    "render_chat",
+    "to_token_ids",
+    "vocab_size_of",
+]

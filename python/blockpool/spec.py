@@ -44,7 +44,9 @@ class Geometry:
             planes[f"{name}_biases"] = (dim // group_size, self.dtype)
         return planes
 
-    def bytes_per_block(self, block_tokens: int = BLOCK_TOKENS, kv_bits: int | None = None, group_size: int = 64) -> int:
+    def bytes_per_block(
+        self, block_tokens: int = BLOCK_TOKENS, kv_bits: int | None = None, group_size: int = 64
+    ) -> int:
         """Bytes of one block: K and V of one layer for ``block_tokens`` tokens, as stored."""
         return sum(
             self.kv_heads * block_tokens * dim * getattr(mx, dtype).size
@@ -188,21 +190,20 @@ class ModelCacheSpec:
             "block_tokens": self.block_tokens,
             "layers": [
                 {
-                    "kv_heads": l.kv_heads,
-                    "k_head_dim": l.k_head_dim,
-                    "v_head_dim": l.v_head_dim,
-                    "dtype": l.dtype,
-                    **l.kind.describe(),
+                    "kv_heads": layer.kv_heads,
+                    "k_head_dim": layer.k_head_dim,
+                    "v_head_dim": layer.v_head_dim,
+                    "dtype": layer.dtype,
+                    **layer.kind.describe(),
                 }
-                for l in self.layers
+                for layer in self.layers
             ],
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelCacheSpec:
         layers = tuple(
-            LayerSpec(Geometry(l["kv_heads"], l["k_head_dim"], l["v_head_dim"], l["dtype"]), l["window"])
-            for l in data["layers"]
+            LayerSpec(Geometry(d["kv_heads"], d["k_head_dim"], d["v_head_dim"], d["dtype"]), d["window"])
+            for d in data["layers"]
         )
         return cls(layers, block_tokens=data["block_tokens"])
-

@@ -41,10 +41,10 @@ from blockpool import (
     LayerSpec,
     ModelCacheSpec,
     ops,
+    persistence,
     prompt,
     reference,
 )
-from blockpool import persistence
 
 # blockpool.generate is the function; the module of the same name is reached through sys.modules.
 generate_module = importlib.import_module("blockpool.generate")
@@ -54,15 +54,37 @@ pytestmark = pytest.mark.integration
 #: Submodule functions the docs name (docs/api.md, docs/agent_memory.md, docs/quickstart.md).
 DOCUMENTED = {
     "ops": [n for n in ops.__all__ if callable(getattr(ops, n)) and not isinstance(getattr(ops, n), (bool, dict))],
-    "reference": ["gather_blocks", "scatter_blocks", "gather_dequantize_blocks", "concat_blocks", "concat_dequantize_blocks", "split_blocks"],
+    "reference": [
+        "gather_blocks",
+        "scatter_blocks",
+        "gather_dequantize_blocks",
+        "concat_blocks",
+        "concat_dequantize_blocks",
+        "split_blocks",
+    ],
     "prompt": [n for n in prompt.__all__ if inspect.isfunction(getattr(prompt, n))],
     "persistence": [
-        "agent_file_name", "model_fingerprint", "export_agent", "import_agent", "save_agent_file", "read_header",
-        "load_agent_file", "open_agent_file", "quarantine", "remove_stale_temp_files", "describe_cache_dir",
+        "agent_file_name",
+        "model_fingerprint",
+        "export_agent",
+        "import_agent",
+        "save_agent_file",
+        "read_header",
+        "load_agent_file",
+        "open_agent_file",
+        "quarantine",
+        "remove_stale_temp_files",
+        "describe_cache_dir",
     ],
     "generate": ["default_memory"],
 }
-MODULES = {"ops": ops, "reference": reference, "prompt": prompt, "persistence": persistence, "generate": generate_module}
+MODULES = {
+    "ops": ops,
+    "reference": reference,
+    "prompt": prompt,
+    "persistence": persistence,
+    "generate": generate_module,
+}
 
 
 @dataclass
@@ -95,7 +117,10 @@ class World:
 
     def kv_pools(self):
         """A pool array per entry, as the native ops take them: ``[num_blocks, H, B, D]``."""
-        return [mx.random.normal((6, 2, 256, 16), key=mx.random.key(1)), mx.random.normal((6, 2, 256, 8), key=mx.random.key(2))]
+        return [
+            mx.random.normal((6, 2, 256, 16), key=mx.random.key(1)),
+            mx.random.normal((6, 2, 256, 8), key=mx.random.key(2)),
+        ]
 
 
 @pytest.fixture
@@ -139,14 +164,20 @@ def _(w):
 @row("stream_generate", "AgentGenerationResponse")
 def _(w):
     responses = list(blockpool.stream_generate(w.model, w.tokenizer, "Hello"))
-    assert isinstance(responses[-1], blockpool.AgentGenerationResponse) and responses[-1].finish_reason in ("stop", "length")
+    assert isinstance(responses[-1], blockpool.AgentGenerationResponse) and responses[-1].finish_reason in (
+        "stop",
+        "length",
+    )
     assert [r.token for r in responses] == [r.token for r in mlx_lm.stream_generate(w.model, w.tokenizer, "Hello")]
 
 
 @row("batch_generate")
 def _(w):
     prompts = [w.tokenizer.encode("Hello"), w.tokenizer.encode("the agent")]
-    assert blockpool.batch_generate(w.model, w.tokenizer, prompts).texts == mlx_lm.batch_generate(w.model, w.tokenizer, prompts).texts
+    assert (
+        blockpool.batch_generate(w.model, w.tokenizer, prompts).texts
+        == mlx_lm.batch_generate(w.model, w.tokenizer, prompts).texts
+    )
 
 
 @row("generate.default_memory")
@@ -168,7 +199,9 @@ def _(w):
 def _(w):
     uid = w.engine.submit("a", "Hello")  # max_tokens defaults to 256
     (done,) = list(w.engine.step())
-    assert isinstance(done, blockpool.CompletedGeneration) and done.uid == uid and done.finish_reason in ("stop", "length")
+    assert (
+        isinstance(done, blockpool.CompletedGeneration) and done.uid == uid and done.finish_reason in ("stop", "length")
+    )
     w.pool.release(done.blocks)
 
 
@@ -337,7 +370,9 @@ def _(w):
 def _(w):
     free = w.pool.available_blocks()
     blocks = w.pool.allocate(2, 0, "a")
-    assert [b.layer_id for b in blocks] == [0, 0] and w.pool.used_blocks() == 2 and w.pool.available_blocks() == free - 2
+    assert (
+        [b.layer_id for b in blocks] == [0, 0] and w.pool.used_blocks() == 2 and w.pool.available_blocks() == free - 2
+    )
     w.pool.free(blocks, "a")
     assert w.pool.used_blocks() == 0
 
@@ -503,20 +538,32 @@ def _(w):
 
 @row("ModelCacheSpec", "ModelCacheSpec.to_dict", "ModelCacheSpec.from_dict")
 def _(w):
-    spec = ModelCacheSpec((LayerSpec(Geometry(2, 16, 16, "float32")), LayerSpec(Geometry(2, 16, 16, "float32"), window=32)))
+    spec = ModelCacheSpec(
+        (LayerSpec(Geometry(2, 16, 16, "float32")), LayerSpec(Geometry(2, 16, 16, "float32"), window=32))
+    )
     assert spec.num_layers == 2 and ModelCacheSpec.from_dict(spec.to_dict()) == spec
 
 
-@row("ModelCacheSpec.from_model", "ModelCacheSpec.geometry_index", "ModelCacheSpec.layers_of", "ModelCacheSpec.rules",
-     "ModelCacheSpec.kind")
+@row(
+    "ModelCacheSpec.from_model",
+    "ModelCacheSpec.geometry_index",
+    "ModelCacheSpec.layers_of",
+    "ModelCacheSpec.rules",
+    "ModelCacheSpec.kind",
+)
 def _(w):
     spec = ModelCacheSpec.from_model(w.model)
     assert spec == w.spec and spec.geometry_index(1) == 0 and spec.layers_of(0) == [0, 1]
     assert spec.rules(0).name == "full" and spec.kind(0) is spec.rules(0)
 
 
-@row("ModelCacheSpec.bytes_per_block", "ModelCacheSpec.max_blocks", "ModelCacheSpec.blocks_held",
-     "ModelCacheSpec.block_range", "ModelCacheSpec.bytes_for_tokens")
+@row(
+    "ModelCacheSpec.bytes_per_block",
+    "ModelCacheSpec.max_blocks",
+    "ModelCacheSpec.blocks_held",
+    "ModelCacheSpec.block_range",
+    "ModelCacheSpec.bytes_for_tokens",
+)
 def _(w):
     spec = w.spec
     assert spec.bytes_per_block(0) > 0 and spec.max_blocks(0) is None
@@ -548,7 +595,10 @@ def _(w):
     handle = blockpool.from_mlx_caches(w.pool, caches, tokens, AgentBlocks.empty("a", w.spec))
     back = blockpool.to_mlx_caches(w.pool, handle)
     assert handle.total_tokens == len(tokens)
-    assert all(mx.array_equal(a.state[0][..., : len(tokens), :], b.state[0][..., : len(tokens), :]).item() for a, b in zip(caches, back))
+    assert all(
+        mx.array_equal(a.state[0][..., : len(tokens), :], b.state[0][..., : len(tokens), :]).item()
+        for a, b in zip(caches, back)
+    )
 
 
 @row("plan_extension", "extend_blocks")
@@ -578,7 +628,9 @@ def _(w):
     pools, ids = w.kv_pools(), [[4, 1], [0]]
     for got, want in zip(blockpool.gather_blocks(pools, ids), reference.gather_blocks(pools, ids)):
         assert mx.array_equal(got, want).item() and got.shape[2] in (512, 256)
-    assert all(mx.array_equal(a, b).item() for a, b in zip(ops.gather_blocks(pools, ids), reference.gather_blocks(pools, ids)))
+    assert all(
+        mx.array_equal(a, b).item() for a, b in zip(ops.gather_blocks(pools, ids), reference.gather_blocks(pools, ids))
+    )
 
 
 @row("scatter_blocks", "ops.scatter_blocks", "reference.scatter_blocks")
@@ -647,7 +699,11 @@ def _(w):
 
 @row("prompt.to_token_ids", "prompt.encode_text", "prompt.as_id_list", "prompt.vocab_size_of")
 def _(w):
-    assert prompt.to_token_ids(w.tokenizer, "Hello") == prompt.encode_text(w.tokenizer, "Hello") == w.tokenizer.encode("Hello")
+    assert (
+        prompt.to_token_ids(w.tokenizer, "Hello")
+        == prompt.encode_text(w.tokenizer, "Hello")
+        == w.tokenizer.encode("Hello")
+    )
     assert prompt.as_id_list(mx.array([3, 4])) == [3, 4] and prompt.vocab_size_of(w.model) == 512
 
 
@@ -664,13 +720,23 @@ def _(w):
 # ------------------------------------------------------------------ agent files
 
 
-@row("persistence.agent_file_name", "persistence.model_fingerprint", "persistence.export_agent", "persistence.save_agent_file",
-     "persistence.load_agent_file", "persistence.import_agent", "persistence.read_header", "persistence.open_agent_file")
+@row(
+    "persistence.agent_file_name",
+    "persistence.model_fingerprint",
+    "persistence.export_agent",
+    "persistence.save_agent_file",
+    "persistence.load_agent_file",
+    "persistence.import_agent",
+    "persistence.read_header",
+    "persistence.open_agent_file",
+)
 def _(w):
     handle = w.completion(n=60).blocks
     path = w.tmp / persistence.agent_file_name("a")
     fingerprint = persistence.model_fingerprint(w.model, w.spec)
-    assert persistence.save_agent_file(path, persistence.export_agent(w.pool, handle, fingerprint)) == path.stat().st_size
+    assert (
+        persistence.save_agent_file(path, persistence.export_agent(w.pool, handle, fingerprint)) == path.stat().st_size
+    )
     file = persistence.load_agent_file(path)
     assert file.token_ids == handle.token_ids and file.fingerprint == fingerprint
     w.pool.release(handle)
@@ -698,7 +764,11 @@ def _(w):
 # ------------------------------------------------------------------ errors
 
 
-ERRORS = [n for n in blockpool.__all__ if inspect.isclass(getattr(blockpool, n)) and issubclass(getattr(blockpool, n), BaseException)]
+ERRORS = [
+    n
+    for n in blockpool.__all__
+    if inspect.isclass(getattr(blockpool, n)) and issubclass(getattr(blockpool, n), BaseException)
+]
 
 
 @row(*ERRORS)
@@ -725,8 +795,15 @@ def public_callables() -> set[str]:
             continue
         names.add(name)
         if inspect.isclass(obj) and not issubclass(obj, BaseException):
-            for attr, value in vars(obj).items():
-                if not attr.startswith("_") and (inspect.isfunction(value) or isinstance(value, (classmethod, staticmethod))):
+            # Methods a blockpool class defines or takes from a blockpool base (BlockPool's budget methods).
+            members = {}
+            for klass in reversed(inspect.getmro(obj)):
+                if klass.__module__.startswith("blockpool"):
+                    members.update(vars(klass))
+            for attr, value in members.items():
+                if not attr.startswith("_") and (
+                    inspect.isfunction(value) or isinstance(value, (classmethod, staticmethod))
+                ):
                     names.add(f"{name}.{attr}")
     for module, functions in DOCUMENTED.items():
         names |= {f"{module}.{f}" for f in functions}
@@ -742,7 +819,11 @@ def test_the_table_covers_the_api():
         assert all(callable(getattr(MODULES[module], f)) for f in functions), module
 
 
-@pytest.mark.parametrize("names, check", ROWS, ids=[" ".join(names) if len(names) < 3 else f"{names[0]} +{len(names) - 1}" for names, _ in ROWS])
+@pytest.mark.parametrize(
+    "names, check",
+    ROWS,
+    ids=[" ".join(names) if len(names) < 3 else f"{names[0]} +{len(names) - 1}" for names, _ in ROWS],
+)
 def test_called_with_only_required_arguments(names, check, w, request):
     waiting = [WAITING[n] for n in names if n in WAITING]
     if waiting:

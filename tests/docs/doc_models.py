@@ -15,6 +15,7 @@ from __future__ import annotations
 import mlx_lm
 import mlx_lm.utils
 import pytest
+
 import tiny_models
 
 #: The architecture every documented ``load(...)`` gets.

@@ -57,7 +57,9 @@ def fenced_blocks(page: Path) -> list[tuple[int, str, str]]:
             continue
         fence, language = opening["fence"], (opening["info"].split() or [""])[0].lower()
         body, j = [], i + 1
-        while j < len(lines) and not (lines[j].strip().startswith(fence[0] * len(fence)) and not lines[j].strip().strip(fence[0])):
+        while j < len(lines) and not (
+            lines[j].strip().startswith(fence[0] * len(fence)) and not lines[j].strip().strip(fence[0])
+        ):
             body.append(lines[j])
             j += 1
         blocks.append((i + 1, language, textwrap.dedent("\n".join(body))))
@@ -81,8 +83,8 @@ _SERVED_PAGE = """
 import contextlib, io, json, subprocess, sys, time, traceback, urllib.request
 model_dir, cache_dir, log_path, blocks_path = sys.argv[1:5]
 with open(log_path, "ab") as log:
-    server = subprocess.Popen([sys.executable, "-m", "blockpool", "serve", "--model", model_dir, "--cache-dir", cache_dir],
-                              stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    command = [sys.executable, "-m", "blockpool", "serve", "--model", model_dir, "--cache-dir", cache_dir]
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 try:
     deadline = time.monotonic() + 180
     while True:
@@ -101,23 +103,38 @@ try:
 finally:
     server.terminate()
     server.wait(60)
-""" % SERVER_ADDRESS
+""".replace("%s", SERVER_ADDRESS)
 
 
 def run_served_page(page: Path, model_dir: Path, tmp_path: Path) -> str:
     """Run a page's blocks in a child process next to ``blockpool serve --model <tiny model>``; their stdout."""
-    blocks = [(f"{page.relative_to(ROOT)}:{line}", code) for line, lang, code in fenced_blocks(page) if lang == "python"]
+    blocks = [
+        (f"{page.relative_to(ROOT)}:{line}", code) for line, lang, code in fenced_blocks(page) if lang == "python"
+    ]
     (tmp_path / "blocks.json").write_text(json.dumps(blocks))
     (tmp_path / "runner.py").write_text(_SERVED_PAGE)
     log = tmp_path / "server.log"
-    command = [sys.executable, str(tmp_path / "runner.py"), str(model_dir), str(tmp_path / "agents"), str(log), str(tmp_path / "blocks.json")]
-    if shutil.which("unshare") and shutil.which("ip") and subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode == 0:
+    command = [
+        sys.executable,
+        str(tmp_path / "runner.py"),
+        str(model_dir),
+        str(tmp_path / "agents"),
+        str(log),
+        str(tmp_path / "blocks.json"),
+    ]
+    if (
+        shutil.which("unshare")
+        and shutil.which("ip")
+        and subprocess.run(["unshare", "-rn", "true"], capture_output=True).returncode == 0
+    ):
         command = ["unshare", "-rn", "sh", "-c", "ip link set lo up && exec " + shlex.join(command)]
     else:
         host, port = SERVER_ADDRESS.split(":")
         with socket.socket() as probe:
             if probe.connect_ex((host, int(port))) == 0:
-                pytest.skip(f"{SERVER_ADDRESS} is taken and there are no network namespaces to give the example its own")
+                pytest.skip(
+                    f"{SERVER_ADDRESS} is taken and there are no network namespaces to give the example its own"
+                )
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     server_log = log.read_text(errors="replace")[-3000:] if log.exists() else ""
     assert result.returncode == 0, f"{result.stderr[-4000:]}\n--- server log ---\n{server_log}"
@@ -148,7 +165,9 @@ def check_quickstart(namespace: dict, out: str) -> None:
 def check_agent_memory(namespace: dict, out: str) -> None:
     (line,) = out.splitlines()
     assert line.split()[:2] == ["coder", "cold"]
-    assert not any(Path("agents").glob("*.tmp")) and len(list(Path("agents").glob("*.safetensors"))) == 1  # closed: persisted
+    assert (
+        not any(Path("agents").glob("*.tmp")) and len(list(Path("agents").glob("*.safetensors"))) == 1
+    )  # closed: persisted
 
 
 def check_server(namespace: dict, out: str) -> None:
@@ -200,7 +219,9 @@ def test_blocks_without_a_language_are_not_python(page):
             compile(code, f"{page.name}:{line}", "exec")
         except SyntaxError:
             continue
-        pytest.fail(f"{page.name}:{line}: a block without a language is valid Python; fence it as ```python (runs) or ```text")
+        pytest.fail(
+            f"{page.name}:{line}: a block without a language is valid Python; fence it as ```python (runs) or ```text"
+        )
 
 
 def test_fence_parser_on_a_sample(tmp_path):

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
+from mlx_lm.generate import stream_generate
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import make_logits_processors
+
 from blockpool import (
     AgentMemory,
     BlockPool,
@@ -16,9 +20,6 @@ from blockpool import (
     ModelCacheSpec,
     PoolExhaustedError,
 )
-from mlx_lm.generate import stream_generate
-from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import make_logits_processors
 from mlx_lm_reference import mlx_lm_tokens
 
 pytestmark = pytest.mark.integration
@@ -65,9 +66,14 @@ def test_more_agents_than_fit_all_complete_exactly_and_within_the_budget(load_ti
         memory.submit(agent, history, max_tokens=4)
     first = {c.agent_id: c for c in memory.step()}
 
-    follow = {agent: history + first[agent].token_ids + tokens(9, 200 + i) for i, (agent, history) in enumerate(histories.items())}
+    follow = {
+        agent: history + first[agent].token_ids + tokens(9, 200 + i)
+        for i, (agent, history) in enumerate(histories.items())
+    }
     longest = max(histories, key=lambda a: len(follow[a]))
-    allowance = activation_allowance(model, tokenizer, histories[longest] + first[longest].token_ids, tokens(9, 999), 12)
+    allowance = activation_allowance(
+        model, tokenizer, histories[longest] + first[longest].token_ids, tokens(9, 999), 12
+    )
     mx.synchronize()
     mx.reset_peak_memory()
     start = mx.get_active_memory() - pool.stats().used_bytes  # what is held besides the budget (weights...)
@@ -136,7 +142,9 @@ def test_decode_growth_preempts_the_youngest_and_it_resumes_exactly(load_tiny):
 
 def test_cancelling_waiting_and_preempted_requests_returns_everything(load_tiny):
     model, tokenizer = load_tiny("llama")
-    pool, engine = sized_engine(model, tokenizer, lambda e: e.request_bytes(0, 24, 600) + e.request_bytes(0, 30, 2) // 2)
+    pool, engine = sized_engine(
+        model, tokenizer, lambda e: e.request_bytes(0, 24, 600) + e.request_bytes(0, 30, 2) // 2
+    )
     history = tokens(30, 31)
     engine.submit("h", history, max_tokens=2)
     (h,) = list(engine.step())
@@ -161,6 +169,8 @@ def test_cancelling_waiting_and_preempted_requests_returns_everything(load_tiny)
     assert pool.stats().block_bytes == start.block_bytes and pool.stats().working_bytes == 0
     again = engine.submit("h", tokens(5, 35), cache=back, max_tokens=3)
     (resumed,) = list(engine.step())
-    assert resumed.uid == again and resumed.token_ids == mlx_lm_tokens(model, tokenizer, history + h.token_ids + tokens(5, 35), 3)
+    assert resumed.uid == again and resumed.token_ids == mlx_lm_tokens(
+        model, tokenizer, history + h.token_ids + tokens(5, 35), 3
+    )
     pool.release(resumed.blocks)
     assert pool.stats().used_bytes == 0

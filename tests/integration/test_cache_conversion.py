@@ -6,7 +6,6 @@ import copy
 
 import mlx.core as mx
 import pytest
-from tiny_models import tiny_model
 from mlx_lm.models.cache import make_prompt_cache
 
 from blockpool import (
@@ -19,6 +18,7 @@ from blockpool import (
     to_mlx_caches,
 )
 from blockpool.cache_conversion import fresh_blocks
+from tiny_models import tiny_model
 
 pytestmark = pytest.mark.integration
 

@@ -6,13 +6,13 @@ import os
 
 import mlx.core as mx
 import pytest
+
 import tiny_models
 from agent_files import synthetic_file
-from cli_runner import run_cli
-
 from blockpool import AgentMemory, BlockPool, BlockPoolBatchEngine, ModelCacheSpec
 from blockpool.cli import main
 from blockpool.persistence import agent_file_name, save_agent_file
+from cli_runner import run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +52,12 @@ def test_inspect_lists_agents_and_flags_a_corrupt_file(load_tiny, tmp_path):
     assert lines[0].split()[:4] == ["file", "agent", "tokens", "bytes"]
     ok = [line for line in lines if line.endswith(" ok")]
     assert len(ok) == 1 and ("alpha" in ok[0] or "beta" in ok[0]) and f" {memory.fingerprint[:16]} " in ok[0]
-    assert ok[0].split()[2:6] == ["74", str(files[0].stat().st_size), "32", "1"]  # tokens, bytes, float32 values, format 1
+    assert ok[0].split()[2:6] == [
+        "74",
+        str(files[0].stat().st_size),
+        "32",
+        "1",
+    ]  # tokens, bytes, float32 values, format 1
     assert any("corrupt: checksum mismatch" in line for line in lines)
     assert any("partial write" in line for line in lines)
     assert lines[-1].startswith("2 agent files: 1 ok, 1 corrupt, 0 incompatible; ignored: 1 partial writes")
@@ -73,7 +78,9 @@ def test_inspect_on_a_model_directory_finds_no_agent_files(tmp_path, capsys):
     status, out = inspect_in_process(capsys, str(model_dir))
     assert status == 0, out
     lines = out.splitlines()[1:-1]
-    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= {line.split()[0] for line in lines}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= {
+        line.split()[0] for line in lines
+    }
     assert all(line.endswith("not an agent file") for line in lines)
     assert out.splitlines()[-1].startswith("0 agent files: 0 ok, 0 corrupt")
 

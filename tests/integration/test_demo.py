@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from cli_runner import run_cli
 
 pytestmark = pytest.mark.integration
@@ -13,7 +14,17 @@ pytestmark = pytest.mark.integration
 def test_demo_runs_and_writes_its_table_and_plot(tmp_path):
     out = tmp_path / "out"
     result = run_cli(
-        "demo", "-n", "2", "-t", "2", "--max-tokens", "8", "--out", str(out), "--cache-dir", str(tmp_path / "agents"),
+        "demo",
+        "-n",
+        "2",
+        "-t",
+        "2",
+        "--max-tokens",
+        "8",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "agents"),
         env_extra={"XDG_CACHE_HOME": str(tmp_path / "xdg")},
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -29,8 +40,22 @@ def test_demo_runs_and_writes_its_table_and_plot(tmp_path):
     assert (out / "ttft.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((tmp_path / "agents").glob("*.safetensors"))  # caches persist
 
-    again = run_cli("demo", "-n", "2", "-t", "1", "--max-tokens", "4", "--no-cold", "--no-text", "--out", str(out),
-                    "--cache-dir", str(tmp_path / "agents"), env_extra={"XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    again = run_cli(
+        "demo",
+        "-n",
+        "2",
+        "-t",
+        "1",
+        "--max-tokens",
+        "4",
+        "--no-cold",
+        "--no-text",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "agents"),
+        env_extra={"XDG_CACHE_HOME": str(tmp_path / "xdg")},
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     assert "task:" not in again.stdout and "> def" not in again.stdout
     assert {r["cache"] for r in json.loads((out / "results.json").read_text())} == {"disk"}  # a new process resumes

@@ -17,10 +17,10 @@ import weakref
 import mlx.core as mx
 import mlx_lm
 import pytest
-import tiny_models
 from mlx_lm import load
 
 import blockpool
+import tiny_models
 from blockpool import AgentMemory, BlockPool, BlockPoolBatchEngine, InvalidRequestError, ModelCacheSpec
 from blockpool.generate import default_memory
 
@@ -85,7 +85,10 @@ def test_only_required_arguments_with_the_real_default_budget(model_dir, monkeyp
     ours = [(r.text, r.token, r.finish_reason) for r in blockpool.stream_generate(model, tokenizer, "Hello")]
     assert ours == [(r.text, r.token, r.finish_reason) for r in mlx_lm.stream_generate(model, tokenizer, "Hello")]
     prompts = [tokenizer.encode("Hello"), tokenizer.encode(PROMPT)]
-    assert blockpool.batch_generate(model, tokenizer, prompts).texts == mlx_lm.batch_generate(model, tokenizer, prompts).texts
+    assert (
+        blockpool.batch_generate(model, tokenizer, prompts).texts
+        == mlx_lm.batch_generate(model, tokenizer, prompts).texts
+    )
     assert default_memory(model, tokenizer).pool.total_bytes <= 1 << 30
 
 
@@ -191,7 +194,9 @@ def test_eos_ends_as_in_mlx_lm(load_tiny, memory):
     (eos,) = tokenizer.eos_token_ids
     n_prompt = len(tokenizer.encode(PROMPT))
     processors = [force_eos_after(n_prompt + 3, eos)]  # EOS is the 4th generated token
-    ours = list(blockpool.stream_generate(model, tokenizer, PROMPT, max_tokens=16, logits_processors=processors, memory=memory))
+    ours = list(
+        blockpool.stream_generate(model, tokenizer, PROMPT, max_tokens=16, logits_processors=processors, memory=memory)
+    )
     theirs = list(mlx_lm.stream_generate(model, tokenizer, PROMPT, max_tokens=16, logits_processors=processors))
     assert [(r.text, r.token, r.finish_reason, r.generation_tokens) for r in ours] == [
         (r.text, r.token, r.finish_reason, r.generation_tokens) for r in theirs
@@ -207,11 +212,18 @@ def test_eos_ends_as_in_mlx_lm(load_tiny, memory):
 
 def test_chat_messages_and_token_arrays_are_prompts_too(load_tiny, memory):
     model, tokenizer = load_tiny("llama")
-    messages = [{"role": "user", "content": [{"type": "text", "text": "plan the "}, {"type": "text", "text": "refactor"}]}]
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "plan the refactor"}], add_generation_prompt=True)
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "plan the "}, {"type": "text", "text": "refactor"}]}
+    ]
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "plan the refactor"}], add_generation_prompt=True
+    )
     expected = mlx_lm.generate(model, tokenizer, rendered, max_tokens=12)
     assert blockpool.generate(model, tokenizer, messages, max_tokens=12, agent_id="chat", memory=memory) == expected
-    assert blockpool.generate(model, tokenizer, mx.array(rendered), max_tokens=12, agent_id="arr", memory=memory) == expected
+    assert (
+        blockpool.generate(model, tokenizer, mx.array(rendered), max_tokens=12, agent_id="arr", memory=memory)
+        == expected
+    )
 
 
 # ------------------------------------------------------------------ stop strings
@@ -235,19 +247,31 @@ def test_a_stop_string_is_one_string_not_characters(load_tiny, memory):
     reference = mlx_lm.generate(model, tokenizer, PROMPT, max_tokens=40)
     stop = a_stop_string(reference)
     expected = reference[: reference.find(stop)]
-    assert blockpool.generate(model, tokenizer, PROMPT, max_tokens=40, stop=stop, agent_id="s1", memory=memory) == expected
-    assert blockpool.generate(model, tokenizer, PROMPT, max_tokens=40, stop=[stop, "\x00never"], agent_id="s2", memory=memory) == expected
-    final = list(blockpool.stream_generate(model, tokenizer, PROMPT, max_tokens=40, stop=(stop,), agent_id="s3", memory=memory))[-1]
+    assert (
+        blockpool.generate(model, tokenizer, PROMPT, max_tokens=40, stop=stop, agent_id="s1", memory=memory) == expected
+    )
+    assert (
+        blockpool.generate(
+            model, tokenizer, PROMPT, max_tokens=40, stop=[stop, "\x00never"], agent_id="s2", memory=memory
+        )
+        == expected
+    )
+    final = list(
+        blockpool.stream_generate(model, tokenizer, PROMPT, max_tokens=40, stop=(stop,), agent_id="s3", memory=memory)
+    )[-1]
     assert final.finish_reason == "stop"
 
     prompts = [tokenizer.encode(PROMPT), tokenizer.encode("memory blocks move")]
-    batch = blockpool.batch_generate(model, tokenizer, prompts, max_tokens=40, stop=stop, memory=memory, return_token_ids=True)
+    batch = blockpool.batch_generate(
+        model, tokenizer, prompts, max_tokens=40, stop=stop, memory=memory, return_token_ids=True
+    )
     assert batch.texts[0] == expected
     other = mlx_lm.generate(model, tokenizer, prompts[1], max_tokens=40)
     assert batch.texts[1] == (other[: other.find(stop)] if stop in other else other)
 
 
 # ------------------------------------------------------------------ prompt progress
+
 
 def test_prompt_progress_callback_is_called_as_mlx_lm_calls_it(load_tiny):
     model, tokenizer = load_tiny("llama")
@@ -256,14 +280,37 @@ def test_prompt_progress_callback_is_called_as_mlx_lm_calls_it(load_tiny):
     memory = AgentMemory(BlockPoolBatchEngine(model, tokenizer, pool, prefill_step_size=step))
     prompt = mx.random.randint(3, 500, (40,), key=mx.random.key(7)).tolist()
     theirs, ours = [], []
-    mlx_lm.generate(model, tokenizer, prompt, max_tokens=2, prefill_step_size=step, prompt_progress_callback=lambda *a: theirs.append(a))
-    blockpool.generate(model, tokenizer, prompt, max_tokens=2, agent_id="p", memory=memory, prompt_progress_callback=lambda *a: ours.append(a))
+    mlx_lm.generate(
+        model,
+        tokenizer,
+        prompt,
+        max_tokens=2,
+        prefill_step_size=step,
+        prompt_progress_callback=lambda *a: theirs.append(a),
+    )
+    blockpool.generate(
+        model,
+        tokenizer,
+        prompt,
+        max_tokens=2,
+        agent_id="p",
+        memory=memory,
+        prompt_progress_callback=lambda *a: ours.append(a),
+    )
     assert theirs[0] == (0, 40) and theirs[-1] == (40, 40) and len(theirs) > 3  # start, per chunk, end
     assert ours == theirs
     # Resumed: the callback counts the tokens actually prefilled.
     resumed = []
     longer = prompt + mx.random.randint(3, 500, (20,), key=mx.random.key(8)).tolist()
-    blockpool.generate(model, tokenizer, longer, max_tokens=2, agent_id="p", memory=memory, prompt_progress_callback=lambda *a: resumed.append(a))
+    blockpool.generate(
+        model,
+        tokenizer,
+        longer,
+        max_tokens=2,
+        agent_id="p",
+        memory=memory,
+        prompt_progress_callback=lambda *a: resumed.append(a),
+    )
     total = resumed[0][1]
     assert resumed[0] == (0, total) and resumed[-1] == (total, total) and 20 <= total < len(longer)
     assert all(a[0] <= b[0] for a, b in zip(resumed, resumed[1:]))
@@ -276,7 +323,9 @@ def test_leaving_a_stream_early_cancels_and_keeps_the_agent_usable(load_tiny, me
     model, tokenizer = load_tiny("llama")
     blockpool.generate(model, tokenizer, PROMPT, max_tokens=8, agent_id="early", memory=memory)
     cached = memory.where("early")
-    for i, _ in enumerate(blockpool.stream_generate(model, tokenizer, PROMPT + " more", max_tokens=30, agent_id="early", memory=memory)):
+    for i, _ in enumerate(
+        blockpool.stream_generate(model, tokenizer, PROMPT + " more", max_tokens=30, agent_id="early", memory=memory)
+    ):
         if i == 2:
             break
     assert memory.where("early") == cached == "pool" and memory.engine.in_flight == 0

@@ -9,8 +9,6 @@ import threading
 import mlx.core as mx
 import pytest
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
-from mlx_lm_reference import mlx_lm_text, mlx_lm_tokens
-from tiny_models import FailingModel
 
 from blockpool import (
     AgentBlocks,
@@ -22,6 +20,8 @@ from blockpool import (
     ModelCacheSpec,
     PoolExhaustedError,
 )
+from mlx_lm_reference import mlx_lm_text, mlx_lm_tokens
+from tiny_models import FailingModel
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +82,9 @@ def test_bad_requests_change_nothing(llama, load_tiny):
     pool.release(done.blocks)  # a stale handle: a newer one was issued since, and its blocks are gone
     with pytest.raises(InvalidRequestError, match="stale"):
         engine.submit(done.agent_id, "hi", cache=done.blocks)
-    by_hand = AgentBlocks(done.agent_id, done.blocks.spec, done.blocks.blocks, done.blocks.total_tokens, done.blocks.token_ids)
+    by_hand = AgentBlocks(
+        done.agent_id, done.blocks.spec, done.blocks.blocks, done.blocks.total_tokens, done.blocks.token_ids
+    )
     with pytest.raises(InvalidRequestError, match="no longer held"):
         engine.submit(done.agent_id, "hi", cache=by_hand)
 
@@ -239,7 +241,7 @@ def test_requests_from_another_thread_join_the_running_batch(llama):
     thread.join()
     names = [name for name, _ in order]
     assert submitted.is_set() and names == ["short-submitted", "short", "long"]
-    for name, completion in order[1:]:
+    for _, completion in order[1:]:
         pool.release(completion.blocks)
 
 

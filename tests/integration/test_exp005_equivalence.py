@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-from mlx_lm_reference import mlx_lm_tokens
 
 from blockpool import BlockPool, BlockPoolBatchEngine, ModelCacheSpec
+from mlx_lm_reference import mlx_lm_tokens
 
 pytestmark = pytest.mark.integration
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 from mlx_lm import load
-from mlx_lm_reference import mlx_lm_tokens
 
 from blockpool import BlockPool, BlockPoolBatchEngine, ModelCacheSpec
 from blockpool.demo_model import SLIDING_WINDOW_MODEL, TRAINED_MODEL, trained_model_dir
+from mlx_lm_reference import mlx_lm_tokens
 
 pytestmark = pytest.mark.integration
 
@@ -45,8 +45,10 @@ def run_one(engine, agent, prompt, max_tokens, cache=None):
 
 
 def chat(tokenizer, task: str) -> list[int]:
-    messages = [{"role": "system", "content": "You are the coder of a team that maintains the Python standard library."},
-                {"role": "user", "content": task}]
+    messages = [
+        {"role": "system", "content": "You are the coder of a team that maintains the Python standard library."},
+        {"role": "user", "content": task},
+    ]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
@@ -77,9 +79,11 @@ def test_prompt_over_1000_tokens():
 def test_resume_over_three_turns_equals_cold_run_on_full_history(dtype):
     model, tokenizer = trained(dtype)
     pool, engine = engine_for(model, tokenizer)
-    tasks = ["Write quote(value). Quote *value* if it contains special characters.",
-             "Write unquote(value). Remove the quotes around *value*.",
-             "Write split_lines(text, keepends=False). Split *text* into a list of lines."]
+    tasks = [
+        "Write quote(value). Quote *value* if it contains special characters.",
+        "Write unquote(value). Remove the quotes around *value*.",
+        "Write split_lines(text, keepends=False). Split *text* into a list of lines.",
+    ]
     history: list[int] = []
     cache = None
     for turn, task in enumerate(tasks):
@@ -99,8 +103,10 @@ def test_sliding_window_variant_resumes_past_its_window():
     model, tokenizer = trained(mx.bfloat16, SLIDING_WINDOW_MODEL)
     pool, engine = engine_for(model, tokenizer)
     source = "\n".join(f"def scale_{i}(x):\n    return x * {i}\n" for i in range(40))
-    histories = {"short": tokenizer.encode("class Parser:\n    \"\"\"Parse a header.\"\"\"\n\n    def __init__(self, line):\n"),
-                 "long": tokenizer.encode(source)[:160]}
+    histories = {
+        "short": tokenizer.encode('class Parser:\n    """Parse a header."""\n\n    def __init__(self, line):\n'),
+        "long": tokenizer.encode(source)[:160],
+    }
     caches = {}
     for agent, prompt in histories.items():  # "short" crosses the 128-token window while decoding
         engine.submit(agent, prompt, max_tokens=120)

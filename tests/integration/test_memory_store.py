@@ -8,6 +8,8 @@ import threading
 
 import mlx.core as mx
 import pytest
+from mlx_lm.sample_utils import make_logits_processors
+
 from blockpool import (
     AgentMemory,
     BlockPool,
@@ -19,7 +21,6 @@ from blockpool import (
     PoolExhaustedError,
 )
 from blockpool.persistence import agent_file_name
-from mlx_lm.sample_utils import make_logits_processors
 from mlx_lm_reference import mlx_lm_tokens
 
 pytestmark = pytest.mark.integration
@@ -65,7 +66,10 @@ def test_prefix_reuse_equals_a_cold_run(load_tiny, arch, case):
     prompt = CASES[case](history)
     done = turn(memory, "a", prompt)
     assert done.token_ids == mlx_lm_tokens(model, tokenizer, prompt, 8)
-    reusable = min(len(prompt) - 1, next((i for i, (x, y) in enumerate(zip(history, prompt)) if x != y), min(len(history), len(prompt))))
+    reusable = min(
+        len(prompt) - 1,
+        next((i for i, (x, y) in enumerate(zip(history, prompt)) if x != y), min(len(history), len(prompt))),
+    )
     if arch == "gemma3_text" and case != "extension":
         # Window 32: the sliding layers only hold the last 32 of 508 tokens, so a
         # prompt that needs the cache cut back cannot reuse it (as with mlx-lm's
@@ -80,7 +84,10 @@ def test_prefix_reuse_equals_a_cold_run(load_tiny, arch, case):
 
 def test_chat_messages_are_rendered_with_the_template(load_tiny):
     model, tokenizer, pool, memory = make_memory(load_tiny)
-    messages = [{"role": "system", "content": "the agent reads a file"}, {"role": "user", "content": "writes a short plan"}]
+    messages = [
+        {"role": "system", "content": "the agent reads a file"},
+        {"role": "user", "content": "writes a short plan"},
+    ]
     done = turn(memory, "chat", messages)
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     assert done.token_ids == mlx_lm_tokens(model, tokenizer, prompt, 8)

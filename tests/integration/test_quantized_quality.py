@@ -43,10 +43,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-from conftest import tiny_model
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from blockpool import AgentBlocks, BlockPool, BlockPoolBatchEngine, ModelCacheSpec, from_mlx_caches, to_mlx_caches
+from conftest import tiny_model
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +77,9 @@ def quality(model, bits: int, group_size: int, seed: int) -> dict[str, float]:
     rebuilt = to_mlx_caches(pool, from_mlx_caches(pool, original, prompt, AgentBlocks.empty("a", spec)))
     for ours, theirs in zip(rebuilt, original):  # the oracle: mx.quantize then mx.dequantize, bit for bit
         for got, source in zip(_history(ours), _history(theirs)):
-            expected = mx.dequantize(*mx.quantize(source, group_size=group_size, bits=bits), group_size=group_size, bits=bits)
+            expected = mx.dequantize(
+                *mx.quantize(source, group_size=group_size, bits=bits), group_size=group_size, bits=bits
+            )
             assert mx.array_equal(got, expected).item()
     mlx_lm = [_copy(c).to_quantized(group_size=group_size, bits=bits) for c in original]
     agree = agree_mlx_lm = 0
@@ -94,7 +96,12 @@ def quality(model, bits: int, group_size: int, seed: int) -> dict[str, float]:
         agree += int(mx.argmax(b).item() == best)
         agree_mlx_lm += int(mx.argmax(c).item() == best)
         token = best
-    return {"agreement": agree / 64, "mlx_lm_agreement": agree_mlx_lm / 64, "first": first / spread, "worst": worst / spread}
+    return {
+        "agreement": agree / 64,
+        "mlx_lm_agreement": agree_mlx_lm / 64,
+        "first": first / spread,
+        "worst": worst / spread,
+    }
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
@@ -130,7 +137,9 @@ def test_batched_decode_with_quantized_blocks(load_tiny, bits):
     alone = {}
     for agent, blocks in caches.items():  # one at a time, on copies that share the blocks
         pool.share(blocks.all_blocks(), agent + "-solo")
-        solo = AgentBlocks(agent + "-solo", blocks.spec, blocks.blocks, blocks.total_tokens, blocks.token_ids, blocks.ring_index)
+        solo = AgentBlocks(
+            agent + "-solo", blocks.spec, blocks.blocks, blocks.total_tokens, blocks.token_ids, blocks.ring_index
+        )
         engine.submit(solo.agent_id, follow, cache=solo, max_tokens=12)
         (done,) = list(engine.step())
         alone[agent] = done.token_ids

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-from mlx_lm_reference import mlx_lm_tokens
 
 from blockpool import AgentMemory, BlockPool, BlockPoolBatchEngine, InvalidRequestError, ModelCacheSpec
 from blockpool.persistence import agent_file_name
+from mlx_lm_reference import mlx_lm_tokens
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +22,12 @@ def store(load_tiny, tmp_path, budget=None, **options):
     model, tokenizer = load_tiny("llama")
     spec = ModelCacheSpec.from_model(model)
     pool = BlockPool(spec, memory_bytes=budget) if budget else BlockPool(spec, num_blocks=96)
-    return model, tokenizer, pool, AgentMemory(BlockPoolBatchEngine(model, tokenizer, pool), cache_dir=tmp_path, **options)
+    return (
+        model,
+        tokenizer,
+        pool,
+        AgentMemory(BlockPoolBatchEngine(model, tokenizer, pool), cache_dir=tmp_path, **options),
+    )
 
 
 def turn(memory, agent, prompt, max_tokens=6):
@@ -60,7 +65,9 @@ def test_agents_lists_every_tier(load_tiny, tmp_path):
     uid = memory.submit("running", tokens(20, 5), max_tokens=50)
     listed = {a.agent_id: a for a in memory.agents()}
     assert {a: (i.where, i.durable) for a, i in listed.items()} == {
-        "on-disk": ("disk", True), "hot": ("pool", False), "running": ("running", False)
+        "on-disk": ("disk", True),
+        "hot": ("pool", False),
+        "running": ("running", False),
     }
     assert listed["on-disk"].tokens == 36 and listed["running"].tokens == 20
     memory.cancel(uid)
@@ -111,7 +118,9 @@ def test_deterministic_stores_make_the_same_decisions(load_tiny, tmp_path):
     for name in ("rank-0", "rank-1"):
         model, tokenizer = load_tiny("llama")
         sizing = BlockPoolBatchEngine(model, tokenizer, BlockPool(ModelCacheSpec.from_model(model), num_blocks=96))
-        _, _, pool, memory = store(load_tiny, tmp_path / name, budget=2 * sizing.request_bytes(200, 9, 8), deterministic=True)
+        _, _, pool, memory = store(
+            load_tiny, tmp_path / name, budget=2 * sizing.request_bytes(200, 9, 8), deterministic=True
+        )
         trace = []
         for round_ in range(2):
             for i in range(4):

@@ -64,7 +64,9 @@ def scores(shipped):
 def test_the_shipped_files_describe_one_model():
     record = training_record()
     path = trained_model_dir()
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "training.json"} <= {p.name for p in path.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "training.json"} <= {
+        p.name for p in path.iterdir()
+    }
     weights = mx.load(str(path / "model.safetensors"))
     assert {w.dtype for w in weights.values()} == {mx.float16}
     assert sum(w.size for w in weights.values()) == record["parameters"]
@@ -109,8 +111,10 @@ def test_chat_answer_looks_like_python(shipped):
     from mlx_lm import generate
 
     model, tokenizer = shipped
-    messages = [{"role": "system", "content": "You are the coder of a team that maintains the Python standard library."},
-                {"role": "user", "content": "Write parse_header(line). Split a header line into its name and value."}]
+    messages = [
+        {"role": "system", "content": "You are the coder of a team that maintains the Python standard library."},
+        {"role": "user", "content": "Write parse_header(line). Split a header line into its name and value."},
+    ]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     text = generate(model, tokenizer, prompt, max_tokens=40)
     assert text.startswith("def parse_header(line):\n    ")  # a function, its name and an indented body
@@ -120,7 +124,9 @@ def test_sliding_window_variant_with_four_bit_blocks():
     """mlx-lm cannot quantize a RotatingKVCache; blockpool stores sliding layers quantized like the others."""
     model, tokenizer = load(str(trained_model_dir(SLIDING_WINDOW_MODEL)))
     model.set_dtype(mx.float32)
-    windows = kv_quality.heldout_windows(tokenizer, trained_model_dir(SLIDING_WINDOW_MODEL), 2, HISTORY + CONTINUATION + 1)
+    windows = kv_quality.heldout_windows(
+        tokenizer, trained_model_dir(SLIDING_WINDOW_MODEL), 2, HISTORY + CONTINUATION + 1
+    )
     scores = kv_quality.measure(model, windows, HISTORY, [(4, 128, ("blockpool", "oracle"))])
     full, pool, oracle = scores[("full", None, 0)], scores[("blockpool", 4, 128)], scores[("oracle", 4, 128)]
     assert full.perplexity < MAX_PERPLEXITY

@@ -12,8 +12,6 @@ import threading
 
 import mlx.core as mx
 import pytest
-from mlx_lm_reference import mlx_lm_tokens
-from tiny_models import FailingModel
 
 from blockpool import (
     BlockPool,
@@ -23,6 +21,8 @@ from blockpool import (
     InvalidRequestError,
     ModelCacheSpec,
 )
+from mlx_lm_reference import mlx_lm_tokens
+from tiny_models import FailingModel
 
 pytestmark = pytest.mark.integration
 
@@ -89,8 +89,7 @@ def test_breaking_out_of_step_loses_nothing(llama):
     prompts = {"short": tokens(12, 7), "long": tokens(20, 8)}
     engine.submit("short", prompts["short"], max_tokens=3)
     engine.submit("long", prompts["long"], max_tokens=24)
-    for first in engine.step():
-        break  # leave after the first completion, while "long" is mid-generation
+    first = next(engine.step())  # leave after the first completion, while "long" is mid-generation
     assert first.agent_id == "short"
     (rest,) = list(engine.step())
     assert rest.agent_id == "long"

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+
 import tiny_models
 from agent_files import call_with_timeout, mount_namespace_available, raw_parts, run_on_tmpfs, write_raw_agent_file
-from mlx_lm_reference import mlx_lm_tokens
-
 from blockpool import (
     AgentMemory,
     BlockPool,
@@ -34,6 +33,7 @@ from blockpool import (
     PoolExhaustedError,
 )
 from blockpool.persistence import TEMP_PATTERN, agent_file_name, load_agent_file
+from mlx_lm_reference import mlx_lm_tokens
 
 pytestmark = pytest.mark.integration
 
@@ -281,7 +281,9 @@ _FULL_DISK_STORE = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not mount_namespace_available(), reason="needs Linux user+mount namespaces (unshare -rm) for a real tiny filesystem")
+@pytest.mark.skipif(
+    not mount_namespace_available(), reason="needs Linux user+mount namespaces (unshare -rm) for a real tiny filesystem"
+)
 def test_a_full_disk_during_flush_raises_a_typed_error_and_loses_nothing(tmp_path):
     """A 64 KiB tmpfs in a private mount namespace: the disk fills up for real while the store flushes."""
     model_dir = tiny_models.write_model_dir(tmp_path / "model", "llama")

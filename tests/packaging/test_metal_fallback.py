@@ -41,7 +41,9 @@ def test_auto_builds_without_metal_when_a_step_fails(tmp_path, broken, failure):
     result = configure(tmp_path, f"-DBLOCKPOOL_METAL_TEST_BROKEN={broken}")
     assert result.returncode == 0, result.stderr
     # "(1)" or similar: the Metal compiler's exit status or error
-    assert re.search(f"blockpool: {failure}( \\(.*?\\))?; building WITHOUT the Metal kernels", " ".join(result.stderr.split()))
+    assert re.search(
+        f"blockpool: {failure}( \\(.*?\\))?; building WITHOUT the Metal kernels", " ".join(result.stderr.split())
+    )
     assert "error" in result.stderr  # the compiler's own first errors are shown
     assert f"blockpool: Metal kernels: failed: {failure}" in result.stdout
 
@@ -49,7 +51,9 @@ def test_auto_builds_without_metal_when_a_step_fails(tmp_path, broken, failure):
 def test_on_makes_a_failing_step_fatal(tmp_path):
     result = configure(tmp_path, "-DBLOCKPOOL_METAL=ON", "-DBLOCKPOOL_METAL_TEST_BROKEN=kernel")
     assert result.returncode != 0
-    assert re.search(r"the Metal kernels did not compile \(.*?\) and BLOCKPOOL_METAL=ON", " ".join(result.stderr.split()))
+    assert re.search(
+        r"the Metal kernels did not compile \(.*?\) and BLOCKPOOL_METAL=ON", " ".join(result.stderr.split())
+    )
 
 
 def test_off_and_unavailable_skip_the_attempt(tmp_path):

@@ -26,6 +26,7 @@ def native_ops():
         patch.delenv(ops.ENV_VAR, raising=False)
         yield
 
+
 # 1, 2, 4 and 8 bytes.
 DTYPES = [
     mx.uint8, mx.int8, mx.bool_,
@@ -63,7 +64,9 @@ def assert_all_equal(actual: list[mx.array], expected: list[mx.array]) -> None:
 @st.composite
 def id_form(draw, ids: list[int], unique: bool):
     """``ids`` as one of the forms users pass."""
-    form = draw(st.sampled_from(["list", "tuple", "numpy", "contiguous", "strided", "reversed", "broadcast", "transposed"]))
+    form = draw(
+        st.sampled_from(["list", "tuple", "numpy", "contiguous", "strided", "reversed", "broadcast", "transposed"])
+    )
     dtype = draw(st.sampled_from([mx.int32, mx.int64]))
     n = len(ids)
     if form == "list":
@@ -114,7 +117,9 @@ def pooled_calls(draw, unique: bool):
         first = draw(st.integers(0, block - 1)) if chosen else 0
         tokens = draw(st.integers(0, len(chosen) * block - first)) if chosen else 0
         src = make_array((1, tokens, heads, pools[p].shape[3]), pools[p].dtype, seed=100 + e)
-        sources.append(mx.swapaxes(src, 1, 2) if draw(st.booleans()) else src.reshape(1, heads, tokens, pools[p].shape[3]))
+        sources.append(
+            mx.swapaxes(src, 1, 2) if draw(st.booleans()) else src.reshape(1, heads, tokens, pools[p].shape[3])
+        )
         which.append(p)
         ids.append(draw(id_form(chosen, unique)))
         offsets.append(first)

@@ -14,7 +14,11 @@ from blockpool import BlockOperationError, BlockPool, Geometry, LayerSpec, Model
 
 AGENTS = st.sampled_from([f"agent-{i}" for i in range(5)])
 SPEC = ModelCacheSpec(
-    (LayerSpec(Geometry(1, 4, 4, "float16")), LayerSpec(Geometry(1, 4, 4, "float16"), 64), LayerSpec(Geometry(1, 8, 2, "float32")))
+    (
+        LayerSpec(Geometry(1, 4, 4, "float16")),
+        LayerSpec(Geometry(1, 4, 4, "float16"), 64),
+        LayerSpec(Geometry(1, 8, 2, "float32")),
+    )
 )
 TOTAL = 24
 

@@ -9,9 +9,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from server_process import ServerProcess  # noqa: E402
+
 import tiny_models  # noqa: E402
 from mlx_lm_reference import mlx_lm_text, mlx_lm_tokens  # noqa: E402
-from server_process import ServerProcess  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -55,12 +56,14 @@ def reference(model_dir) -> Reference:
 
 @pytest.fixture(scope="module")
 def start_server(model_dir, tmp_path_factory):
-    """``start_server(*flags, cache_dir=None, launch=None)``: a running ``blockpool serve``; all are stopped at the end."""
+    """``start_server(*flags, cache_dir=None, launch=None)``: a running ``blockpool serve``; all stop at the end."""
     started: list[ServerProcess] = []
 
     def start(*flags: str, cache_dir: Path | None = None, launch: list[str] | None = None) -> ServerProcess:
         base = tmp_path_factory.mktemp("serve")
-        server = ServerProcess.blockpool(model_dir, cache_dir or base / "cache", base / "server.log", *flags, launch=launch)
+        server = ServerProcess.blockpool(
+            model_dir, cache_dir or base / "cache", base / "server.log", *flags, launch=launch
+        )
         started.append(server)
         return server.start()
 

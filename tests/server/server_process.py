@@ -71,15 +71,29 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
 
     @classmethod
-    def blockpool(cls, model_dir: Path, cache_dir: Path, log_path: Path, *flags: str, launch: list[str] | None = None) -> ServerProcess:
+    def blockpool(
+        cls, model_dir: Path, cache_dir: Path, log_path: Path, *flags: str, launch: list[str] | None = None
+    ) -> ServerProcess:
         """``python -m blockpool serve`` (under ``launch``, e.g. an ``mlx.launch`` prefix, when given)."""
-        command = [sys.executable, "-m", "blockpool", "serve", "--model", str(model_dir), "--cache-dir", str(cache_dir), *flags]
+        command = [
+            sys.executable,
+            "-m",
+            "blockpool",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--cache-dir",
+            str(cache_dir),
+            *flags,
+        ]
         return cls([*(launch or []), *command], log_path)
 
     @classmethod
     def mlx_lm(cls, model_dir: Path, log_path: Path, *flags: str) -> ServerProcess:
         """``python -m mlx_lm.server`` on the same model."""
-        return cls([sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir), *flags], log_path, health="/health")
+        return cls(
+            [sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir), *flags], log_path, health="/health"
+        )
 
     @property
     def base_url(self) -> str:
@@ -88,7 +102,9 @@ class ServerProcess:
     def start(self, timeout: float = 120) -> ServerProcess:
         """Start it and wait until it answers; raise with its log if it dies first."""
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env)
+        self.proc = subprocess.Popen(
+            self.command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -103,7 +119,9 @@ class ServerProcess:
         self.kill()
         raise RuntimeError(f"server did not answer within {timeout} s:\n{self.log()[-4000:]}")
 
-    def request(self, method: str, path: str, body: Any = None, headers: dict | None = None, timeout: float = 120) -> tuple[int, Any]:
+    def request(
+        self, method: str, path: str, body: Any = None, headers: dict | None = None, timeout: float = 120
+    ) -> tuple[int, Any]:
         """One HTTP request; ``body`` is JSON-encoded unless it is bytes. Returns (status, parsed JSON or text)."""
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:

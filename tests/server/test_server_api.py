@@ -28,14 +28,19 @@ def chat(server, agent, messages, **kwargs):
 
 
 def test_chat_greedy_equals_mlx_lm(server, reference):
-    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "the agent reads a file and writes a plan"}]
+    messages = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "the agent reads a file and writes a plan"},
+    ]
     response = chat(server, "greedy", messages, max_tokens=20)
     text, tokens = reference.chat(messages, 20)
     assert response.choices[0].message.content == text
     assert response.usage.completion_tokens == len(tokens)
     assert response.usage.prompt_tokens == len(reference.chat_ids(messages))
     assert response.usage.prompt_tokens_details.cached_tokens == 0
-    assert response.choices[0].finish_reason == ("length" if len(tokens) == 20 and tokens[-1] not in reference.eos else "stop")
+    assert response.choices[0].finish_reason == (
+        "length" if len(tokens) == 20 and tokens[-1] not in reference.eos else "stop"
+    )
 
 
 def test_completions_text_and_token_ids_equal_mlx_lm(server, reference):
@@ -55,7 +60,10 @@ def test_second_turn_resumes_with_cached_tokens_and_exact_output(server, referen
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "plan the parser refactor"}]
     first = chat(server, "resumer", messages, max_tokens=12)
     history = reference.chat_ids(messages) + reference.generate(reference.chat_ids(messages), 12)[1]
-    messages += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "and then?"}]
+    messages += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "and then?"},
+    ]
     second = chat(server, "resumer", messages, max_tokens=12)
     prompt = reference.chat_ids(messages)
     common = next((i for i, (a, b) in enumerate(zip(history, prompt)) if a != b), min(len(history), len(prompt)))
@@ -91,7 +99,10 @@ def test_stop_strings_cut_the_text_stream_or_not(server, reference):
 
 
 def test_twelve_concurrent_agents_each_equal_mlx_lm(server, reference):
-    prompts = {f"crowd-{i}": [{"role": "user", "content": f"agent {i} asks the reviewer about patch {i * 7}"}] for i in range(12)}
+    prompts = {
+        f"crowd-{i}": [{"role": "user", "content": f"agent {i} asks the reviewer about patch {i * 7}"}]
+        for i in range(12)
+    }
     results = {}
 
     def run(agent, messages):
@@ -103,7 +114,14 @@ def test_twelve_concurrent_agents_each_equal_mlx_lm(server, reference):
 
 
 def test_logprobs_follow_openai_shape_and_greedy_choice(server):
-    response = chat(server, "logprobs", [{"role": "user", "content": "the sliding window forgets"}], max_tokens=6, logprobs=True, top_logprobs=3)
+    response = chat(
+        server,
+        "logprobs",
+        [{"role": "user", "content": "the sliding window forgets"}],
+        max_tokens=6,
+        logprobs=True,
+        top_logprobs=3,
+    )
     content = response.choices[0].logprobs.content
     assert len(content) == response.usage.completion_tokens
     for entry in content:
@@ -119,7 +137,11 @@ def test_seeded_sampling_equals_mlx_lm_seeded_run(server, reference):
     answers = []
 
     def run(agent):
-        answers.append(chat(server, agent, messages, max_tokens=16, temperature=0.9, top_p=0.95, seed=1234).choices[0].message.content)
+        answers.append(
+            chat(server, agent, messages, max_tokens=16, temperature=0.9, top_p=0.95, seed=1234)
+            .choices[0]
+            .message.content
+        )
 
     assert not concurrently(run, [(f"seeded-{i}",) for i in range(3)])  # batched together
     assert answers == [expected] * 3
@@ -128,27 +150,44 @@ def test_seeded_sampling_equals_mlx_lm_seeded_run(server, reference):
 def test_anthropic_messages_with_system_blocks_and_stop_sequences(server, reference):
     client = server.anthropic()
     blocks = [{"type": "text", "text": "the reviewer answers "}, {"type": "text", "text": "with three comments"}]
-    rendered = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "the reviewer answers with three comments"}]
+    rendered = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "the reviewer answers with three comments"},
+    ]
     expected, tokens = reference.chat(rendered, 20)
     message = client.messages.create(
-        model="default_model", max_tokens=20, system=SYSTEM, messages=[{"role": "user", "content": blocks}], metadata={"user_id": "claude-a"}
+        model="default_model",
+        max_tokens=20,
+        system=SYSTEM,
+        messages=[{"role": "user", "content": blocks}],
+        metadata={"user_id": "claude-a"},
     )
     assert message.content[0].text == expected
     assert message.usage.output_tokens == len(tokens)
     assert message.usage.input_tokens + message.usage.cache_read_input_tokens == len(reference.chat_ids(rendered))
-    assert message.stop_reason == ("max_tokens" if len(tokens) == 20 and tokens[-1] not in reference.eos else "end_turn")
+    assert message.stop_reason == (
+        "max_tokens" if len(tokens) == 20 and tokens[-1] not in reference.eos else "end_turn"
+    )
 
     assert len(expected) >= 6
     stop = expected[2:5]
     cut = client.messages.create(
-        model="default_model", max_tokens=20, system=SYSTEM, messages=[{"role": "user", "content": blocks}],
-        stop_sequences=[stop], metadata={"user_id": "claude-b"},
+        model="default_model",
+        max_tokens=20,
+        system=SYSTEM,
+        messages=[{"role": "user", "content": blocks}],
+        stop_sequences=[stop],
+        metadata={"user_id": "claude-b"},
     )
     assert cut.content[0].text == expected[: expected.find(stop)]
     assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", stop)
 
     with client.messages.stream(
-        model="default_model", max_tokens=20, system=SYSTEM, messages=[{"role": "user", "content": blocks}], metadata={"user_id": "claude-c"}
+        model="default_model",
+        max_tokens=20,
+        system=SYSTEM,
+        messages=[{"role": "user", "content": blocks}],
+        metadata={"user_id": "claude-c"},
     ) as stream:
         streamed = "".join(stream.text_stream)
         final = stream.get_final_message()
@@ -159,9 +198,13 @@ def test_anthropic_messages_with_system_blocks_and_stop_sequences(server, refere
 def test_anthropic_second_turn_resumes(server, reference):
     client = server.anthropic()
     turn = [{"role": "user", "content": "the agent calls the tool again"}]
-    first = client.messages.create(model="default_model", max_tokens=10, messages=turn, extra_headers={"X-Agent-Id": "claude-turns"})
+    first = client.messages.create(
+        model="default_model", max_tokens=10, messages=turn, extra_headers={"X-Agent-Id": "claude-turns"}
+    )
     turn += [{"role": "assistant", "content": first.content[0].text}, {"role": "user", "content": "go on"}]
-    second = client.messages.create(model="default_model", max_tokens=10, messages=turn, extra_headers={"X-Agent-Id": "claude-turns"})
+    second = client.messages.create(
+        model="default_model", max_tokens=10, messages=turn, extra_headers={"X-Agent-Id": "claude-turns"}
+    )
     assert second.usage.cache_read_input_tokens > 0
     assert second.content[0].text == reference.chat(turn, 10)[0]
 
@@ -198,7 +241,10 @@ def test_anonymous_conversation_resumes_and_fresh_prompts_stay_exact(server, ref
     first = client.chat.completions.create(model="default_model", messages=messages, max_tokens=10)
     assert first.model_extra["agent_id"].startswith("anonymous-")
     assert first.choices[0].message.content == reference.chat(messages, 10)[0]
-    messages += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "more please"}]
+    messages += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "more please"},
+    ]
     second = client.chat.completions.create(model="default_model", messages=messages, max_tokens=10)
     assert second.usage.prompt_tokens_details.cached_tokens > 0
     assert second.model_extra["agent_id"] == first.model_extra["agent_id"]
@@ -212,7 +258,9 @@ def test_anonymous_conversation_resumes_and_fresh_prompts_stay_exact(server, ref
 def test_tools_and_template_kwargs_reach_the_template(server, reference):
     tools = [{"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}]
     messages = [{"role": "user", "content": "read the file"}]
-    response = chat(server, "tools", messages, max_tokens=8, tools=tools, extra_body={"chat_template_kwargs": {"unused_flag": True}})
+    response = chat(
+        server, "tools", messages, max_tokens=8, tools=tools, extra_body={"chat_template_kwargs": {"unused_flag": True}}
+    )
     # The tiny model's template ignores tools; the rendering must still be the template's own.
     assert response.usage.prompt_tokens == len(reference.chat_ids(messages, tools=tools))
     assert response.choices[0].message.content == reference.chat(messages, 8)[0]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import socket
 
 import pytest
-from cli_runner import run_cli
 from server_process import free_port
 
 from blockpool.cli import build_parser, main
+from cli_runner import run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +19,16 @@ def test_help_documents_every_flag_with_its_default():
     parser = build_parser()
     serve = parser._subparsers._group_actions[0].choices["serve"]
     flags = [a for a in serve._actions if a.option_strings and a.dest != "help"]
-    assert {a.dest for a in flags} >= {"model", "host", "port", "cache_dir", "memory_mb", "kv_bits", "queue_limit", "drain_timeout"}
+    assert {a.dest for a in flags} >= {
+        "model",
+        "host",
+        "port",
+        "cache_dir",
+        "memory_mb",
+        "kv_bits",
+        "queue_limit",
+        "drain_timeout",
+    }
     text = " ".join(result.stdout.split())
     for action in flags:
         assert action.option_strings[0] in text
@@ -53,7 +62,9 @@ def test_a_busy_port_is_refused_before_the_model_loads(model_dir, tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_cli("serve", "--model", str(model_dir), "--port", str(port), "--cache-dir", str(tmp_path), timeout=120)
+        result = run_cli(
+            "serve", "--model", str(model_dir), "--port", str(port), "--cache-dir", str(tmp_path), timeout=120
+        )
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr

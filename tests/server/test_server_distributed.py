@@ -41,14 +41,27 @@ def mlx_launch() -> str:
 
 
 def test_two_ranks_on_loopback_equal_one_process_and_persist_each_shard(start_server, reference, tmp_path):
-    launch = [mlx_launch(), "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2", "--starting-port", str(two_free_ports()), "--"]
+    launch = [
+        mlx_launch(),
+        "--backend",
+        "ring",
+        "--hosts",
+        "127.0.0.1",
+        "-n",
+        "2",
+        "--starting-port",
+        str(two_free_ports()),
+        "--",
+    ]
     cache = tmp_path / "cache"
     server = start_server("--memory-mb", "16", cache_dir=cache, launch=launch)
     _, health = server.request("GET", "/health")
     assert (health["rank"], health["world_size"]) == (0, 2)
 
     client = server.openai()
-    conversations = {f"tp-{i}": [{"role": "user", "content": f"rank test {i}: the coder sends a patch"}] for i in range(3)}
+    conversations = {
+        f"tp-{i}": [{"role": "user", "content": f"rank test {i}: the coder sends a patch"}] for i in range(3)
+    }
     answers = {}
 
     def turn(agent, messages):
@@ -63,7 +76,10 @@ def test_two_ranks_on_loopback_equal_one_process_and_persist_each_shard(start_se
             assert answer.choices[0].message.content == reference.chat(messages, 10)[0], agent
             if round_:
                 assert answer.usage.prompt_tokens_details.cached_tokens > 0
-            messages += [{"role": "assistant", "content": answer.choices[0].message.content}, {"role": "user", "content": "continue"}]
+            messages += [
+                {"role": "assistant", "content": answer.choices[0].message.content},
+                {"role": "user", "content": "continue"},
+            ]
 
     # Rank 0's pool holds its shard of the KV heads: half of what one process holds for the same tokens.
     spec = ModelCacheSpec.from_model(reference.model)
@@ -74,7 +90,10 @@ def test_two_ranks_on_loopback_equal_one_process_and_persist_each_shard(start_se
     streamed = client.chat.completions.create(
         model="default_model", messages=[{"role": "user", "content": "stream on two ranks"}], max_tokens=10, stream=True
     )
-    assert "".join(c.choices[0].delta.content or "" for c in streamed) == reference.chat([{"role": "user", "content": "stream on two ranks"}], 10)[0]
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in streamed)
+        == reference.chat([{"role": "user", "content": "stream on two ranks"}], 10)[0]
+    )
 
     os.kill(health["pid"], signal.SIGTERM)  # rank 0 drains, tells rank 1 to stop; both persist
     assert server.wait(60) == 0

@@ -32,7 +32,15 @@ CASES = [
     ("empty messages", "POST", CHAT, {"messages": []}, {}, 400, "messages"),
     ("messages not a list", "POST", CHAT, {"messages": "hi"}, {}, 400, "messages"),
     ("message without a role", "POST", CHAT, {"messages": [{"content": "x"}]}, {}, 400, "role"),
-    ("image content part", "POST", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, {}, 400, "text parts"),
+    (
+        "image content part",
+        "POST",
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        {},
+        400,
+        "text parts",
+    ),
     ("max_tokens as a string", "POST", CHAT, chat_body(max_tokens="10"), {}, 400, "max_tokens"),
     ("max_tokens zero", "POST", CHAT, chat_body(max_tokens=0), {}, 400, "max_tokens"),
     ("max_tokens a float", "POST", CHAT, chat_body(max_tokens=4.5), {}, 400, "max_tokens"),
@@ -52,13 +60,43 @@ CASES = [
     ("reserved agent id", "POST", CHAT, chat_body(), {"X-Agent-Id": "anonymous-x"}, 400, "reserved"),
     ("empty agent id", "POST", CHAT, chat_body(), {"X-Agent-Id": " "}, 400, "empty"),
     ("over-long user", "POST", CHAT, chat_body(user="u" * 300), {}, 400, "longer"),
-    ("reserved template argument", "POST", CHAT, chat_body(chat_template_kwargs={"tokenize": False}), {}, 400, "tokenize"),
-    ("tool call arguments not JSON", "POST", CHAT,
-     {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]},
-     {}, 400, "arguments"),
+    (
+        "reserved template argument",
+        "POST",
+        CHAT,
+        chat_body(chat_template_kwargs={"tokenize": False}),
+        {},
+        400,
+        "tokenize",
+    ),
+    (
+        "tool call arguments not JSON",
+        "POST",
+        CHAT,
+        {
+            "messages": [
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}],
+                }
+            ]
+        },
+        {},
+        400,
+        "arguments",
+    ),
     ("unknown model", "POST", CHAT, chat_body(model="gpt-4o"), {}, 404, "not served"),
     ("a request that can never fit the budget", "POST", CHAT, chat_body(max_tokens=1_000_000), {}, 400, "budget"),
-    ("token id outside the vocabulary", "POST", "/v1/completions", {"prompt": [1, 99999], "max_tokens": 4}, {}, 400, "token ids"),
+    (
+        "token id outside the vocabulary",
+        "POST",
+        "/v1/completions",
+        {"prompt": [1, 99999], "max_tokens": 4},
+        {},
+        400,
+        "token ids",
+    ),
     ("empty text prompt", "POST", "/v1/completions", {"prompt": "", "max_tokens": 4}, {}, 400, "empty"),
     ("empty token prompt", "POST", "/v1/completions", {"prompt": [], "max_tokens": 4}, {}, 400, "empty"),
     ("two prompts", "POST", "/v1/completions", {"prompt": ["a", "b"], "max_tokens": 4}, {}, 400, "one prompt"),
@@ -70,10 +108,29 @@ CASES = [
 
 ANTHROPIC_CASES = [
     ("missing max_tokens", {"model": "m", "messages": OK_MESSAGES}, 400, "max_tokens"),
-    ("image block", {"model": "default_model", "max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, 400, "image"),
-    ("system role in messages", {"model": "default_model", "max_tokens": 4, "messages": [{"role": "system", "content": "x"}]}, 400, "role"),
+    (
+        "image block",
+        {
+            "model": "default_model",
+            "max_tokens": 4,
+            "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}],
+        },
+        400,
+        "image",
+    ),
+    (
+        "system role in messages",
+        {"model": "default_model", "max_tokens": 4, "messages": [{"role": "system", "content": "x"}]},
+        400,
+        "role",
+    ),
     ("unknown model", {"model": "claude-opus", "max_tokens": 4, "messages": OK_MESSAGES}, 404, "not served"),
-    ("empty stop sequence", {"model": "default_model", "max_tokens": 4, "messages": OK_MESSAGES, "stop_sequences": [""]}, 400, "stop_sequences"),
+    (
+        "empty stop sequence",
+        {"model": "default_model", "max_tokens": 4, "messages": OK_MESSAGES, "stop_sequences": [""]},
+        400,
+        "stop_sequences",
+    ),
 ]
 
 
@@ -102,7 +159,14 @@ def test_official_clients_raise_their_bad_request_errors(server):
         server.openai().chat.completions.create(model="gpt-4o", messages=OK_MESSAGES)
     with pytest.raises(anthropic.BadRequestError, match="image"):
         server.anthropic().messages.create(
-            model="default_model", max_tokens=4, messages=[{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}}]}]
+            model="default_model",
+            max_tokens=4,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}}],
+                }
+            ],
         )
 
 

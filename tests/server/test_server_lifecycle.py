@@ -29,13 +29,18 @@ def chat(server, agent, messages, max_tokens, **kwargs):
 def test_sigkill_and_restart_resumes_every_agent_from_its_last_turn(start_server, reference, tmp_path):
     cache = tmp_path / "cache"
     server = start_server("--memory-mb", "16", cache_dir=cache)
-    conversations = {f"crash-{i}": [{"role": "user", "content": f"agent {i} writes step {i} of the plan"}] for i in range(3)}
+    conversations = {
+        f"crash-{i}": [{"role": "user", "content": f"agent {i} writes step {i} of the plan"}] for i in range(3)
+    }
     histories = {}
     for _turn in range(2):
         for agent, messages in conversations.items():
             answer = chat(server, agent, messages, 8)
             histories[agent] = reference.chat_ids(messages) + reference.chat(messages, 8)[1]
-            messages += [{"role": "assistant", "content": answer.choices[0].message.content}, {"role": "user", "content": "next step"}]
+            messages += [
+                {"role": "assistant", "content": answer.choices[0].message.content},
+                {"role": "user", "content": "next step"},
+            ]
     wait_until(lambda: all(agents(server).get(a, {}).get("durable") for a in conversations))
     server.kill()  # SIGKILL: no shutdown code runs
 
@@ -56,7 +61,9 @@ def test_sigterm_drains_what_is_in_flight_persists_and_exits_0(start_server, ref
     server = start_server("--memory-mb", "16", "--drain-timeout", "30", cache_dir=cache)
     no_eos = {str(t): -1000.0 for t in reference.eos}
     messages = [{"role": "user", "content": "a long answer that is in flight at SIGTERM"}]
-    stream = chat(server, "draining", messages, 300, stream=True, logit_bias=no_eos, stream_options={"include_usage": True})
+    stream = chat(
+        server, "draining", messages, 300, stream=True, logit_bias=no_eos, stream_options={"include_usage": True}
+    )
     chunks = iter(stream)
     next(chunks)
     server.signal(signal.SIGTERM)
@@ -77,7 +84,10 @@ def test_sigterm_past_the_drain_timeout_cancels_and_keeps_the_last_turn(start_se
     messages = [{"role": "user", "content": "first turn"}]
     first = chat(server, "cut-short", messages, 6)
     kept = len(reference.chat_ids(messages)) + first.usage.completion_tokens
-    messages += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "now talk for a long time"}]
+    messages += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "now talk for a long time"},
+    ]
     received = []
 
     def long_turn():
@@ -104,5 +114,7 @@ def test_sigterm_past_the_drain_timeout_cancels_and_keeps_the_last_turn(start_se
     assert row["where"] == "disk" and cut <= row["tokens"] <= kept
     short = messages[:2] + [{"role": "user", "content": "a short one now"}]
     answer = chat(restarted, "cut-short", short, 6)
-    assert answer.usage.prompt_tokens_details.cached_tokens == min(row["tokens"], common_prefix(history, reference.chat_ids(short)))
+    assert answer.usage.prompt_tokens_details.cached_tokens == min(
+        row["tokens"], common_prefix(history, reference.chat_ids(short))
+    )
     assert answer.choices[0].message.content == reference.chat(short, 6)[0]

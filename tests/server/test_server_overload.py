@@ -31,8 +31,12 @@ def agent_row(server, agent):
 def test_overload_queues_then_refuses_with_429_and_a_stream_disconnect_cancels(server, reference):
     client = server.openai()
     stream = client.chat.completions.create(
-        model="default_model", messages=[{"role": "user", "content": "go on forever"}], max_tokens=4000,
-        logit_bias=no_eos(reference), stream=True, extra_headers={"X-Agent-Id": "long-runner"},
+        model="default_model",
+        messages=[{"role": "user", "content": "go on forever"}],
+        max_tokens=4000,
+        logit_bias=no_eos(reference),
+        stream=True,
+        extra_headers={"X-Agent-Id": "long-runner"},
     )
     chunks = iter(stream)
     next(chunks)
@@ -41,7 +45,11 @@ def test_overload_queues_then_refuses_with_429_and_a_stream_disconnect_cancels(s
     queued_messages = [{"role": "user", "content": "a short question"}]
     queued: dict = {}
     thread = threading.Thread(
-        target=lambda: queued.update(r=client.chat.completions.create(model="default_model", messages=queued_messages, max_tokens=6, user="queued"))
+        target=lambda: queued.update(
+            r=client.chat.completions.create(
+                model="default_model", messages=queued_messages, max_tokens=6, user="queued"
+            )
+        )
     )
     thread.start()
     wait_until(lambda: server.request("GET", "/health")[1]["in_flight"] == 2)
@@ -69,10 +77,16 @@ def test_a_non_streaming_client_that_leaves_cancels_its_request(server, referenc
     with socket.create_connection(("127.0.0.1", server.port)) as s:
         s.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Agent-Id: leaver\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
         )
         wait_until(lambda: (agent_row(server, "leaver")[0] or {}).get("where") == "running")
-    wait_until(lambda: "agent=leaver source=cold cached=0/" in server.log() and (agent_row(server, "leaver")[0] or {}).get("where") != "running")
+    wait_until(
+        lambda: (
+            "agent=leaver source=cold cached=0/" in server.log()
+            and (agent_row(server, "leaver")[0] or {}).get("where") != "running"
+        )
+    )
     row, _ = agent_row(server, "leaver")
     assert row is None or (row["tokens"] == 0 and row["bytes"] == 0)
     assert "finish=cancelled" in server.log().split("agent=leaver", 1)[1].splitlines()[0]

@@ -1,4 +1,4 @@
-"""The server's parts on their own: sampling, agent identity, request checks, the Messages mapping, the app in-process."""
+"""The server's parts on their own: sampling, agent identity, request checks, the Messages mapping, the app."""
 
 from __future__ import annotations
 
@@ -48,7 +48,9 @@ def test_request_samplers_and_processors():
     assert isinstance(make_request_sampler(GenerationParams(max_tokens=4, temperature=0.5, seed=1), []), KeyedSampler)
     assert callable(make_request_sampler(GenerationParams(max_tokens=4, temperature=0.5, xtc_probability=0.5), [0]))
     assert make_request_processors(GenerationParams(max_tokens=4)) == []
-    assert len(make_request_processors(GenerationParams(max_tokens=4, logit_bias={1: 2.0}, repetition_penalty=1.1))) == 2
+    assert (
+        len(make_request_processors(GenerationParams(max_tokens=4, logit_bias={1: 2.0}, repetition_penalty=1.1))) == 2
+    )
 
 
 def test_agent_identity_header_first_then_user():
@@ -80,11 +82,19 @@ def test_request_checks_fill_defaults_and_refuse_bad_fields():
     request = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}]})
     params = openai_params(request, Defaults(), 512, logprobs=False, top_logprobs=0)
     assert (params.max_tokens, params.temperature, params.stop) == (512, 0.0, [])
-    request = ChatCompletionRequest.model_validate({"messages": [{}], "top_k": 900, "logit_bias": {"5": 1}, "stop": "s"})
+    request = ChatCompletionRequest.model_validate(
+        {"messages": [{}], "top_k": 900, "logit_bias": {"5": 1}, "stop": "s"}
+    )
     params = openai_params(request, Defaults(max_tokens=8), 512, logprobs=True, top_logprobs=2)
     assert (params.top_k, params.logit_bias, params.stop, params.max_tokens) == (0, {5: 1.0}, ["s"], 8)
     with pytest.raises(ApiError, match="n=1"):
-        openai_params(ChatCompletionRequest.model_validate({"messages": [{}], "n": 3}), Defaults(), 512, logprobs=False, top_logprobs=0)
+        openai_params(
+            ChatCompletionRequest.model_validate({"messages": [{}], "n": 3}),
+            Defaults(),
+            512,
+            logprobs=False,
+            top_logprobs=0,
+        )
     with pytest.raises(ValidationError) as invalid:
         ChatCompletionRequest.model_validate({"messages": [{}], "temperature": "hot"})
     error = from_validation(invalid.value)
@@ -97,9 +107,17 @@ def test_request_checks_fill_defaults_and_refuse_bad_fields():
         check_model("other", {"m"})
     assert missing.value.status == 404 and missing.value.openai_body()["error"]["code"] == "model_not_found"
     assert agent_from_metadata(None) is None and agent_from_metadata({"user_id": "u"}) == "u"
-    assert bad_request("no").anthropic_body() == {"type": "error", "error": {"type": "invalid_request_error", "message": "no"}}
-    messages = MessagesRequest.model_validate({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "top_k": 3})
-    assert (anthropic_params(messages, Defaults(), 512).max_tokens, anthropic_params(messages, Defaults(), 512).top_k) == (5, 3)
+    assert bad_request("no").anthropic_body() == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": "no"},
+    }
+    messages = MessagesRequest.model_validate(
+        {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "top_k": 3}
+    )
+    assert (
+        anthropic_params(messages, Defaults(), 512).max_tokens,
+        anthropic_params(messages, Defaults(), 512).top_k,
+    ) == (5, 3)
 
 
 def test_messages_map_to_chat_in_order():
@@ -111,18 +129,43 @@ def test_messages_map_to_chat_in_order():
             "tools": [{"name": "read", "description": "read a file", "input_schema": {"type": "object"}}],
             "messages": [
                 {"role": "user", "content": "hi"},
-                {"role": "assistant", "content": [{"type": "text", "text": "calling"}, {"type": "tool_use", "id": "t1", "name": "read", "input": {"p": 1}}]},
-                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "file text"}, {"type": "text", "text": "thanks"}]},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "text", "text": "calling"},
+                        {"type": "tool_use", "id": "t1", "name": "read", "input": {"p": 1}},
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": "t1", "content": "file text"},
+                        {"type": "text", "text": "thanks"},
+                    ],
+                },
             ],
         }
     )
     chat, tools = anthropic_format.to_chat(request)
     assert [m["role"] for m in chat] == ["system", "user", "assistant", "tool", "user"]
-    assert chat[0]["content"] == "be brief" and chat[3] == {"role": "tool", "tool_call_id": "t1", "content": "file text"}
+    assert chat[0]["content"] == "be brief" and chat[3] == {
+        "role": "tool",
+        "tool_call_id": "t1",
+        "content": "file text",
+    }
     assert chat[2]["tool_calls"][0]["function"] == {"name": "read", "arguments": {"p": 1}}
-    assert tools == [{"type": "function", "function": {"name": "read", "description": "read a file", "parameters": {"type": "object"}}}]
+    assert tools == [
+        {
+            "type": "function",
+            "function": {"name": "read", "description": "read a file", "parameters": {"type": "object"}},
+        }
+    ]
     with pytest.raises(ApiError, match="image"):
-        anthropic_format.to_chat(MessagesRequest.model_validate({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [{"type": "image"}]}]}))
+        anthropic_format.to_chat(
+            MessagesRequest.model_validate(
+                {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [{"type": "image"}]}]}
+            )
+        )
     outcome = Outcome("a", "abc", [1], "stop", 3, 0, 1, None, None, 0.0)
     assert anthropic_format.stop_details(outcome, ["XY"], "abcXYz") == ("stop_sequence", "XY")
     assert anthropic_format.stop_details(outcome, ["XY"], "abc") == ("end_turn", None)
@@ -144,7 +187,11 @@ def test_the_app_in_process_answers_and_stops_its_engine_thread(model_dir, tmp_p
     runner = EngineRunner(AgentMemory(engine, cache_dir=tmp_path, durable=True))
     state = ServerState(runner, "tiny")
     with TestClient(create_app(state)) as client:
-        answer = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}, headers={"X-Agent-Id": "in-process"})
+        answer = client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+            headers={"X-Agent-Id": "in-process"},
+        )
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
         assert client.get("/health").json()["status"] == "ok"
         assert [a["id"] for a in client.get("/v1/agents").json()["data"]] == ["in-process"]

@@ -50,7 +50,10 @@ def test_idle_agents_never_expire_they_move_to_disk_and_resume(server, reference
     for i in range(12):  # other agents need the room
         chat(server, f"busy-{i}", [{"role": "user", "content": f"other work number {i} " * 45}])
     assert where(server, "patient") == "disk"
-    messages += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "I am back"}]
+    messages += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "I am back"},
+    ]
     answer = chat(server, "patient", messages)
     assert answer.model_extra["cache_source"] == "disk"
     assert answer.usage.prompt_tokens_details.cached_tokens == common_prefix(history, reference.chat_ids(messages)) > 0
@@ -58,7 +61,10 @@ def test_idle_agents_never_expire_they_move_to_disk_and_resume(server, reference
 
 
 def test_an_edited_turn_keeps_the_longest_common_prefix(server, reference):
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "summarise the parser design in three steps"}]
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "summarise the parser design in three steps"},
+    ]
     chat(server, "editor", messages)
     history = reference.chat_ids(messages) + reference.chat(messages, 8)[1]
     edited = [messages[0], {"role": "user", "content": "summarise the parser design in two steps"}]
@@ -80,7 +86,10 @@ def test_messages_are_never_reordered(server, reference):
     answer = chat(server, "in-order", messages)
     assert answer.usage.prompt_tokens == len(reference.chat_ids(messages))
     assert answer.choices[0].message.content == reference.chat(messages, 8)[0]
-    messages += [{"role": "assistant", "content": answer.choices[0].message.content}, {"role": "user", "content": "third"}]
+    messages += [
+        {"role": "assistant", "content": answer.choices[0].message.content},
+        {"role": "user", "content": "third"},
+    ]
     again = chat(server, "in-order", messages)
     assert again.usage.prompt_tokens_details.cached_tokens >= len(reference.chat_ids(messages[:3])) - 3
 

@@ -14,13 +14,21 @@ import pytest
 
 from blockpool import _ext, cli, ops, reference
 from blockpool.errors import InvalidRequestError
+from blockpool.ops.self_check import cases, flatten, self_check
 
-NATIVE_NODES = ["GatherBlocks", "ScatterBlocks", "GatherDequantizeBlocks", "ConcatBlocks", "ConcatDequantizeBlocks", "SplitBlocks"]
+NATIVE_NODES = [
+    "GatherBlocks",
+    "ScatterBlocks",
+    "GatherDequantizeBlocks",
+    "ConcatBlocks",
+    "ConcatDequantizeBlocks",
+    "SplitBlocks",
+]
 
 
 def graph_text(outputs) -> str:
     dot = io.StringIO()
-    mx.export_to_dot(dot, *ops._flatten(outputs))
+    mx.export_to_dot(dot, *flatten(outputs))
     return dot.getvalue()
 
 
@@ -39,7 +47,7 @@ def test_cpu_is_native_by_default(monkeypatch):
 @pytest.mark.parametrize("op", ops.OPS)
 def test_reference_mode_runs_every_op_in_pure_mlx(op, monkeypatch):
     monkeypatch.delenv(ops.ENV_VAR, raising=False)
-    args, kwargs, expected = ops._self_check_cases(op)
+    args, kwargs, expected = cases(op)
     native = getattr(ops, op)(*args, stream=mx.cpu, **kwargs)
     assert any(f'"{name}"' in graph_text(native) for name in NATIVE_NODES)
     monkeypatch.setenv(ops.ENV_VAR, "reference")
@@ -47,7 +55,7 @@ def test_reference_mode_runs_every_op_in_pure_mlx(op, monkeypatch):
     got = getattr(ops, op)(*args, stream=mx.cpu, **kwargs)
     text = graph_text(got)
     assert not any(f'"{name}"' in text for name in NATIVE_NODES)
-    for g, n in zip(ops._flatten(got), ops._flatten(native)):
+    for g, n in zip(flatten(got), flatten(native)):
         assert g.dtype == n.dtype and mx.array_equal(g, n).item()
 
 
@@ -75,7 +83,9 @@ def test_reference_mode_refuses_bad_input_with_the_same_error(op, monkeypatch):
 
 def test_an_unknown_mode_is_refused(monkeypatch):
     monkeypatch.setenv(ops.ENV_VAR, "fast")
-    with pytest.raises(InvalidRequestError, match="BLOCKPOOL_OPS must be 'reference', 'native', 'auto' or unset, got 'fast'"):
+    with pytest.raises(
+        InvalidRequestError, match="BLOCKPOOL_OPS must be 'reference', 'native', 'auto' or unset, got 'fast'"
+    ):
         ops.gather_blocks([mx.zeros((2, 1, 1, 1))], [[0]])
     with pytest.raises(InvalidRequestError, match="BLOCKPOOL_OPS"):
         ops.backend()
@@ -122,7 +132,7 @@ def test_the_self_check_passes_on_working_kernels(op):
     # The same check the first GPU use runs, here on the CPU kernels.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert ops._self_check(op, mx.Device(mx.cpu)) == "native"
+        assert self_check(op, mx.Device(mx.cpu)) == "native"
 
 
 @pytest.mark.skipif(not mx.metal.is_available(), reason="needs an Apple GPU (runs in .github/workflows/macos.yml)")
@@ -169,7 +179,16 @@ def test_doctor_prints_versions_devices_and_backends(capsys, monkeypatch):
     monkeypatch.delenv(ops.ENV_VAR, raising=False)
     assert cli.main(["doctor"]) == 0
     lines = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in capsys.readouterr().out.splitlines())
-    for label in ("python", "mlx", "mlx-lm", "blockpool", "default device", "metallib", "CPU copy threads", "BLOCKPOOL_OPS"):
+    for label in (
+        "python",
+        "mlx",
+        "mlx-lm",
+        "blockpool",
+        "default device",
+        "metallib",
+        "CPU copy threads",
+        "BLOCKPOOL_OPS",
+    ):
         assert label in lines, lines
     assert lines["mlx"] == mx.__version__
     assert lines["CPU copy threads"] == str(_ext.num_copy_threads())
@@ -200,5 +219,5 @@ def test_doctor_reports_reference_mode_and_refuses_a_bad_mode(capsys, monkeypatc
 
 def test_reference_is_the_oracle_of_the_self_check():
     # The self-check compares against blockpool.reference, not another native run.
-    args, kwargs, expected = ops._self_check_cases("concat_blocks")
+    args, kwargs, expected = cases("concat_blocks")
     assert all(mx.array_equal(a, b).item() for a, b in zip(expected(), reference.concat_blocks(*args)))

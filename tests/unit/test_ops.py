@@ -303,7 +303,7 @@ def test_shapeless_compile_of_the_per_block_ops():
         assert mx.array_equal(concat(a, b), reference.concat_blocks([[a, b, a]])[0]).item()
     src = random_pool(1, 2, 6, 3, mx.float32)
     assert_all_equal(split(src), reference.split_blocks([src], [1], [None], 4)[0])
-    assert_all_equal(split(src[:, :, :7 - 1]), reference.split_blocks([src[:, :, :6]], [1], [None], 4)[0])
+    assert_all_equal(split(src[:, :, : 7 - 1]), reference.split_blocks([src[:, :, :6]], [1], [None], 4)[0])
     # 9 tokens at offset 1 need 3 blocks, but the traced graph returns 2.
     with pytest.raises(ValueError, match="the number of blocks per entry cannot change"):
         split(random_pool(1, 2, 9, 3, mx.float32))
@@ -321,7 +321,11 @@ def blocks_of(pool: mx.array) -> list[mx.array]:
 
 @pytest.mark.parametrize("dtype", DTYPES + [mx.uint8, mx.int64], ids=str)
 def test_concat_matches_reference_and_the_pooled_gather(dtype):
-    pool = random_pool(6, 3, 8, 5, dtype) if dtype in DTYPES else mx.arange(6 * 3 * 8 * 5).reshape(6, 3, 8, 5).astype(dtype)
+    pool = (
+        random_pool(6, 3, 8, 5, dtype)
+        if dtype in DTYPES
+        else mx.arange(6 * 3 * 8 * 5).reshape(6, 3, 8, 5).astype(dtype)
+    )
     blocks = blocks_of(pool)
     entries = [[blocks[4], blocks[0], blocks[4]], [blocks[5]]]  # an array may repeat
     out = ops.concat_blocks(entries)
@@ -444,41 +448,134 @@ def _inputs():
 
 # name -> (call, the message it must give)
 BAD_CALLS = {
-    "gather id out of range": (lambda p, s, b: ops.gather_blocks([p], [[8]]), r"block id 8 in block_ids\[0\] is out of range for a pool of 8 blocks"),
-    "gather negative id": (lambda p, s, b: ops.gather_blocks([p], [[-1]]), r"block id -1 in block_ids\[0\] is out of range"),
-    "gather array id out of range": (lambda p, s, b: ops.gather_blocks([p], [mx.array([1, 9])]), r"block id 9 .* out of range"),
-    "gather strided id out of range": (lambda p, s, b: ops.gather_blocks([p], [mx.arange(12)[::3]]), r"block id 9 .* out of range"),
-    "gather wide id": (lambda p, s, b: ops.gather_blocks([p], [mx.array([2**33], dtype=mx.int64)]), r"block id 8589934592 .* out of range"),
-    "gather float ids": (lambda p, s, b: ops.gather_blocks([p], [mx.array([1.0])]), r"block_ids\[0\] must be an integer array, got float32"),
-    "gather list of floats": (lambda p, s, b: ops.gather_blocks([p], [[1.5]]), r"block_ids\[0\] must be a list of ints or an integer mx.array"),
-    "gather 2-D ids": (lambda p, s, b: ops.gather_blocks([p], [mx.array([[1]])]), r"block_ids\[0\] must be 1-D, got shape \(1, 1\)"),
-    "gather rank 3 pool": (lambda p, s, b: ops.gather_blocks([p[0]], [[0]]), r"pools\[0\] must have rank 4 \[num_blocks, H, B, D\], got shape \(2, 4, 3\)"),
+    "gather id out of range": (
+        lambda p, s, b: ops.gather_blocks([p], [[8]]),
+        r"block id 8 in block_ids\[0\] is out of range for a pool of 8 blocks",
+    ),
+    "gather negative id": (
+        lambda p, s, b: ops.gather_blocks([p], [[-1]]),
+        r"block id -1 in block_ids\[0\] is out of range",
+    ),
+    "gather array id out of range": (
+        lambda p, s, b: ops.gather_blocks([p], [mx.array([1, 9])]),
+        r"block id 9 .* out of range",
+    ),
+    "gather strided id out of range": (
+        lambda p, s, b: ops.gather_blocks([p], [mx.arange(12)[::3]]),
+        r"block id 9 .* out of range",
+    ),
+    "gather wide id": (
+        lambda p, s, b: ops.gather_blocks([p], [mx.array([2**33], dtype=mx.int64)]),
+        r"block id 8589934592 .* out of range",
+    ),
+    "gather float ids": (
+        lambda p, s, b: ops.gather_blocks([p], [mx.array([1.0])]),
+        r"block_ids\[0\] must be an integer array, got float32",
+    ),
+    "gather list of floats": (
+        lambda p, s, b: ops.gather_blocks([p], [[1.5]]),
+        r"block_ids\[0\] must be a list of ints or an integer mx.array",
+    ),
+    "gather 2-D ids": (
+        lambda p, s, b: ops.gather_blocks([p], [mx.array([[1]])]),
+        r"block_ids\[0\] must be 1-D, got shape \(1, 1\)",
+    ),
+    "gather rank 3 pool": (
+        lambda p, s, b: ops.gather_blocks([p[0]], [[0]]),
+        r"pools\[0\] must have rank 4 \[num_blocks, H, B, D\], got shape \(2, 4, 3\)",
+    ),
     "gather lengths differ": (lambda p, s, b: ops.gather_blocks([p, p], [[0]]), r"got 2 pools but 1 block id lists"),
     "scatter id out of range": (lambda p, s, b: ops.scatter_blocks([p], [[1, 8]], [s]), r"block id 8 .* out of range"),
-    "scatter duplicate ids": (lambda p, s, b: ops.scatter_blocks([p], [[2, 2]], [s]), r"block id 2 appears more than once in one scatter"),
-    "scatter duplicate across entries": (lambda p, s, b: ops.scatter_blocks([p, p], [[2, 3], [3]], [s, s[:, :, :1]]), r"block id 3 appears more than once .*block_ids\[1\]"),
-    "scatter T too large": (lambda p, s, b: ops.scatter_blocks([p], [[1]], [s]), r"sources\[0\] has 6 tokens, more than its 1 blocks of 4 tokens hold"),
-    "scatter T too large with offset": (lambda p, s, b: ops.scatter_blocks([p], [[1, 2]], [s], [3]), r"6 tokens starting at offset 3, more than its 2 blocks"),
-    "scatter offset out of range": (lambda p, s, b: ops.scatter_blocks([p], [[1, 2]], [s], [4]), r"offsets\[0\] = 4 must be in \[0, 4\)"),
-    "scatter dtype mismatch": (lambda p, s, b: ops.scatter_blocks([p], [[1, 2]], [s.astype(mx.float16)]), r"sources\[0\] has dtype float16 but its pool has dtype float32"),
-    "scatter head mismatch": (lambda p, s, b: ops.scatter_blocks([p], [[1, 2]], [mx.concatenate([s, s], axis=1)]), r"sources\[0\] must have shape \[1, 2, T, 3\]"),
-    "scatter dim mismatch": (lambda p, s, b: ops.scatter_blocks([p], [[1, 2]], [s[..., :2]]), r"must have shape \[1, 2, T, 3\] .* got \(1, 2, 6, 2\)"),
+    "scatter duplicate ids": (
+        lambda p, s, b: ops.scatter_blocks([p], [[2, 2]], [s]),
+        r"block id 2 appears more than once in one scatter",
+    ),
+    "scatter duplicate across entries": (
+        lambda p, s, b: ops.scatter_blocks([p, p], [[2, 3], [3]], [s, s[:, :, :1]]),
+        r"block id 3 appears more than once .*block_ids\[1\]",
+    ),
+    "scatter T too large": (
+        lambda p, s, b: ops.scatter_blocks([p], [[1]], [s]),
+        r"sources\[0\] has 6 tokens, more than its 1 blocks of 4 tokens hold",
+    ),
+    "scatter T too large with offset": (
+        lambda p, s, b: ops.scatter_blocks([p], [[1, 2]], [s], [3]),
+        r"6 tokens starting at offset 3, more than its 2 blocks",
+    ),
+    "scatter offset out of range": (
+        lambda p, s, b: ops.scatter_blocks([p], [[1, 2]], [s], [4]),
+        r"offsets\[0\] = 4 must be in \[0, 4\)",
+    ),
+    "scatter dtype mismatch": (
+        lambda p, s, b: ops.scatter_blocks([p], [[1, 2]], [s.astype(mx.float16)]),
+        r"sources\[0\] has dtype float16 but its pool has dtype float32",
+    ),
+    "scatter head mismatch": (
+        lambda p, s, b: ops.scatter_blocks([p], [[1, 2]], [mx.concatenate([s, s], axis=1)]),
+        r"sources\[0\] must have shape \[1, 2, T, 3\]",
+    ),
+    "scatter dim mismatch": (
+        lambda p, s, b: ops.scatter_blocks([p], [[1, 2]], [s[..., :2]]),
+        r"must have shape \[1, 2, T, 3\] .* got \(1, 2, 6, 2\)",
+    ),
     "scatter source rank": (lambda p, s, b: ops.scatter_blocks([p], [[1, 2]], [s[0]]), r"got \(2, 6, 3\)"),
-    "scatter batch of two": (lambda p, s, b: ops.scatter_blocks([p], [[1, 2]], [mx.concatenate([s, s])]), r"got \(2, 2, 6, 3\)"),
+    "scatter batch of two": (
+        lambda p, s, b: ops.scatter_blocks([p], [[1, 2]], [mx.concatenate([s, s])]),
+        r"got \(2, 2, 6, 3\)",
+    ),
     "scatter sources length": (lambda p, s, b: ops.scatter_blocks([p], [[1, 2]], []), r"got 1 pools but 0 sources"),
-    "scatter ids length": (lambda p, s, b: ops.scatter_blocks([p, p], [[1, 2]], [s, s]), r"got 2 pools but 1 block id lists"),
-    "scatter offsets length": (lambda p, s, b: ops.scatter_blocks([p], [[1, 2]], [s], [0, 0]), r"got 1 pools but 2 offsets"),
-    "concat empty entry": (lambda p, s, b: ops.concat_blocks([[b[0]], []]), r"blocks\[1\] is empty: every entry needs at least one block"),
-    "concat rank 4 block": (lambda p, s, b: ops.concat_blocks([[p]]), r"blocks\[0\]\[0\] must have rank 3 \[H, B, D\], got shape \(8, 2, 4, 3\)"),
-    "concat shapes differ": (lambda p, s, b: ops.concat_blocks([[b[0], b[1][:, :2]]]), r"blocks\[0\]\[1\] has shape \(2, 2, 3\) but blocks\[0\]\[0\] has shape \(2, 4, 3\)"),
-    "concat dtypes differ": (lambda p, s, b: ops.concat_blocks([[b[0], b[1].astype(mx.float16)]]), r"blocks\[0\]\[1\] has dtype float16 but blocks\[0\]\[0\] has dtype float32"),
-    "split offset out of range": (lambda p, s, b: ops.split_blocks([s], [4], [None], block_tokens=4), r"offsets\[0\] = 4 must be in \[0, 4\)"),
-    "split negative offset": (lambda p, s, b: ops.split_blocks([s], [-1], [None], block_tokens=4), r"offsets\[0\] = -1 must be in \[0, 4\)"),
-    "split head shape": (lambda p, s, b: ops.split_blocks([s], [1], [b[0][:, :3]], block_tokens=4), r"heads\[0\] must have shape \(2, 4, 3\) .* got \(2, 3, 3\)"),
-    "split head dtype": (lambda p, s, b: ops.split_blocks([s], [1], [b[0].astype(mx.float16)], block_tokens=4), r"heads\[0\] has dtype float16 but its source has dtype float32"),
-    "split source rank": (lambda p, s, b: ops.split_blocks([s[0]], [0], [None], block_tokens=4), r"sources\[0\] must have shape \[1, H, T, D\], got \(2, 6, 3\)"),
-    "split lengths differ": (lambda p, s, b: ops.split_blocks([s, s], [0], [None, None], block_tokens=4), r"got 2 sources, 1 offsets and 2 heads"),
-    "split block_tokens 0": (lambda p, s, b: ops.split_blocks([s], [0], [None], block_tokens=0), r"block_tokens must be at least 1, got 0"),
+    "scatter ids length": (
+        lambda p, s, b: ops.scatter_blocks([p, p], [[1, 2]], [s, s]),
+        r"got 2 pools but 1 block id lists",
+    ),
+    "scatter offsets length": (
+        lambda p, s, b: ops.scatter_blocks([p], [[1, 2]], [s], [0, 0]),
+        r"got 1 pools but 2 offsets",
+    ),
+    "concat empty entry": (
+        lambda p, s, b: ops.concat_blocks([[b[0]], []]),
+        r"blocks\[1\] is empty: every entry needs at least one block",
+    ),
+    "concat rank 4 block": (
+        lambda p, s, b: ops.concat_blocks([[p]]),
+        r"blocks\[0\]\[0\] must have rank 3 \[H, B, D\], got shape \(8, 2, 4, 3\)",
+    ),
+    "concat shapes differ": (
+        lambda p, s, b: ops.concat_blocks([[b[0], b[1][:, :2]]]),
+        r"blocks\[0\]\[1\] has shape \(2, 2, 3\) but blocks\[0\]\[0\] has shape \(2, 4, 3\)",
+    ),
+    "concat dtypes differ": (
+        lambda p, s, b: ops.concat_blocks([[b[0], b[1].astype(mx.float16)]]),
+        r"blocks\[0\]\[1\] has dtype float16 but blocks\[0\]\[0\] has dtype float32",
+    ),
+    "split offset out of range": (
+        lambda p, s, b: ops.split_blocks([s], [4], [None], block_tokens=4),
+        r"offsets\[0\] = 4 must be in \[0, 4\)",
+    ),
+    "split negative offset": (
+        lambda p, s, b: ops.split_blocks([s], [-1], [None], block_tokens=4),
+        r"offsets\[0\] = -1 must be in \[0, 4\)",
+    ),
+    "split head shape": (
+        lambda p, s, b: ops.split_blocks([s], [1], [b[0][:, :3]], block_tokens=4),
+        r"heads\[0\] must have shape \(2, 4, 3\) .* got \(2, 3, 3\)",
+    ),
+    "split head dtype": (
+        lambda p, s, b: ops.split_blocks([s], [1], [b[0].astype(mx.float16)], block_tokens=4),
+        r"heads\[0\] has dtype float16 but its source has dtype float32",
+    ),
+    "split source rank": (
+        lambda p, s, b: ops.split_blocks([s[0]], [0], [None], block_tokens=4),
+        r"sources\[0\] must have shape \[1, H, T, D\], got \(2, 6, 3\)",
+    ),
+    "split lengths differ": (
+        lambda p, s, b: ops.split_blocks([s, s], [0], [None, None], block_tokens=4),
+        r"got 2 sources, 1 offsets and 2 heads",
+    ),
+    "split block_tokens 0": (
+        lambda p, s, b: ops.split_blocks([s], [0], [None], block_tokens=0),
+        r"block_tokens must be at least 1, got 0",
+    ),
 }
 
 

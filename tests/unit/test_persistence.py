@@ -17,6 +17,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from agent_files import (
     SPEC,
     call_with_timeout,
@@ -51,16 +54,18 @@ from blockpool.persistence import (
     remove_stale_temp_files,
     save_agent_file,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
+
 
 def test_agent_round_trip_through_pool_and_disk(tmp_path):
     pool = BlockPool(SPEC, num_blocks=16)
     total = 600
     blocks = pool.reserve({0: 3, 1: 2}, "a")
-    k0, v0 = mx.random.normal((1, 2, total, 8)).astype(mx.bfloat16), mx.random.normal((1, 2, total, 4)).astype(mx.bfloat16)
+    k0, v0 = (
+        mx.random.normal((1, 2, total, 8)).astype(mx.bfloat16),
+        mx.random.normal((1, 2, total, 4)).astype(mx.bfloat16),
+    )
     k1, v1 = k0[..., 256:, :], v0[..., 256:, :]  # the sliding layer holds blocks 1 and 2
     pool.write([BlockWrite(0, blocks[0], k0, v0), BlockWrite(1, blocks[1], k1, v1)])
     agent = AgentBlocks("a", SPEC, blocks, total, list(range(total)), {1: 7})
@@ -94,7 +99,9 @@ def test_wrong_model_or_layout_is_incompatible(tmp_path):
     assert path.exists()  # an incompatible file is left where it is
 
 
-@pytest.mark.parametrize("agent_id", ["../x", "/etc/passwd", "a/../../b", "nul\x00byte", "x" * 10_000, "..", ".", "é中文", " "])
+@pytest.mark.parametrize(
+    "agent_id", ["../x", "/etc/passwd", "a/../../b", "nul\x00byte", "x" * 10_000, "..", ".", "é中文", " "]
+)
 def test_agent_ids_cannot_escape_the_directory(tmp_path, agent_id):
     name = agent_file_name(agent_id)
     assert "/" not in name and "\x00" not in name and not name.startswith(".") and len(name) < 100
@@ -131,7 +138,9 @@ def _load_bytes(tmp_path: Path, data: bytes):
 
 
 def test_every_truncation_is_detected(tmp_path, valid_bytes):
-    for cut in sorted({0, 1, 7, 8, 9, 100, len(valid_bytes) // 2, len(valid_bytes) - 1} | set(range(0, len(valid_bytes), 997))):
+    for cut in sorted(
+        {0, 1, 7, 8, 9, 100, len(valid_bytes) // 2, len(valid_bytes) - 1} | set(range(0, len(valid_bytes), 997))
+    ):
         with pytest.raises(CacheCorruptionError):
             _load_bytes(tmp_path, valid_bytes[:cut])
 
@@ -203,7 +212,9 @@ def test_sigkill_while_saving_never_leaves_a_wrong_file(tmp_path):
     rng = random.Random(1)
     checked = 0
     for round_ in range(12):
-        child = subprocess.Popen([sys.executable, str(script), str(out), str(round_ * 10_000)], stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            [sys.executable, str(script), str(out), str(round_ * 10_000)], stdout=subprocess.PIPE, text=True
+        )
         assert child.stdout.readline().strip() == "ready"  # imports done: writing starts now
         time.sleep(rng.uniform(0.01, 0.3))
         os.kill(child.pid, signal.SIGKILL)
@@ -290,7 +301,10 @@ CRAFTED = {
     ),
     "token_ids 2-D": (_tensor("token_ids", lambda ids: ids.reshape(1, -1)), "expected 1-D int32"),
     "token_ids float": (_tensor("token_ids", lambda ids: ids.astype(np.float32)), "expected 1-D int32"),
-    "negative token id": (_tensor("token_ids", lambda ids: np.where(np.arange(ids.size) == 5, -3, ids).astype(np.int32)), "negative token ids"),
+    "negative token id": (
+        _tensor("token_ids", lambda ids: np.where(np.arange(ids.size) == 5, -3, ids).astype(np.int32)),
+        "negative token ids",
+    ),
     "ring index on a full layer": (_set("ring_index", {"0": 3}), "full-attention layer 0"),
     "ring index past the window": (_ring(40), "out of range for window 40"),
     "ring index zero": (_ring(0), "out of range"),
@@ -301,7 +315,10 @@ CRAFTED = {
     "plane of another dtype": (_tensor("layers.0.k", lambda k: k.view(np.float16)), "plane k is"),
     "plane with another head count": (_tensor("layers.1.v", lambda v: np.concatenate([v, v], axis=1)), "plane v is"),
     "a missing plane": (_drop("layers.1.v"), "inconsistent"),
-    "an extra tensor": (_tensor("layers.2.k", lambda _: np.zeros((1, 2, 3, 8), np.uint16)), "tensors the layout does not have"),
+    "an extra tensor": (
+        _tensor("layers.2.k", lambda _: np.zeros((1, 2, 3, 8), np.uint16)),
+        "tensors the layout does not have",
+    ),
     "unknown bits": (_set("kv_bits", 3), "unknown quantization"),
     "bits as a bool": (_set("kv_bits", True), "unknown quantization"),
     "unknown group size": (_set("kv_group_size", 48), "unknown quantization"),
@@ -331,7 +348,10 @@ def test_a_ring_index_needs_a_full_window(tmp_path):
 
 def test_a_shape_whose_size_overflows_64_bits_is_corrupt(tmp_path):
     """2**32 x 2**32 elements wrap to 0 in int64: the size check must not be fooled."""
-    header = {"token_ids": {"dtype": "I32", "shape": [2**32, 2**32], "data_offsets": [0, 0]}, "__metadata__": {"format": "blockpool-agent"}}
+    header = {
+        "token_ids": {"dtype": "I32", "shape": [2**32, 2**32], "data_offsets": [0, 0]},
+        "__metadata__": {"format": "blockpool-agent"},
+    }
     raw = json.dumps(header).encode()
     path = tmp_path / "overflow.safetensors"
     path.write_bytes(len(raw).to_bytes(8, "little") + raw)
@@ -409,7 +429,9 @@ def test_a_directory_at_the_path_is_refused(tmp_path):
 def test_a_missing_file_is_a_persistence_error_not_corruption(tmp_path):
     with pytest.raises(PersistenceError) as info:
         load_agent_file(tmp_path / "missing.safetensors")
-    assert info.value.errno == errno.ENOENT and isinstance(info.value, OSError) and isinstance(info.value, BlockPoolError)
+    assert (
+        info.value.errno == errno.ENOENT and isinstance(info.value, OSError) and isinstance(info.value, BlockPoolError)
+    )
 
 
 # ------------------------------------------------------------------ writes that fail for real
@@ -501,7 +523,9 @@ def run_failing_writer(tmp_path: Path, how: str) -> dict:
     """Run ``_FAILING_WRITER`` on ``tmp_path/cache`` in a child process; its JSON outcome."""
     script = tmp_path / "writer.py"
     script.write_text(_FAILING_WRITER.format(tests=str(TESTS_DIR)))
-    result = subprocess.run([sys.executable, str(script), str(tmp_path / "cache"), how], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "cache"), how], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -515,7 +539,8 @@ def test_a_file_size_limit_fails_cleanly(tmp_path):
 
 
 needs_mounts = pytest.mark.skipif(
-    not mount_namespace_available(), reason="needs Linux user+mount namespaces (unshare -rm) for a real tiny or read-only filesystem"
+    not mount_namespace_available(),
+    reason="needs Linux user+mount namespaces (unshare -rm) for a real tiny or read-only filesystem",
 )
 
 
@@ -528,9 +553,13 @@ def test_a_full_disk_or_a_read_only_filesystem_fails_cleanly(tmp_path, how, errn
     mount_point.mkdir()
     script = tmp_path / "writer.py"
     script.write_text(_FAILING_WRITER.format(tests=str(TESTS_DIR)))
-    seed = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(TESTS_DIR)!r}); from pathlib import Path; "
-            f"from agent_files import synthetic_file; from blockpool.persistence import save_agent_file; "
-            f"save_agent_file(Path({str(mount_point)!r}) / 'a.safetensors', synthetic_file(20, marker=1))"]
+    seed = [
+        sys.executable,
+        "-c",
+        f"import sys; sys.path.insert(0, {str(TESTS_DIR)!r}); from pathlib import Path; "
+        f"from agent_files import synthetic_file; from blockpool.persistence import save_agent_file; "
+        f"save_agent_file(Path({str(mount_point)!r}) / 'a.safetensors', synthetic_file(20, marker=1))",
+    ]
     command = [sys.executable, str(script), str(mount_point), how]
     if how == "full":
         outcome = run_on_tmpfs(mount_point, "16k", command)

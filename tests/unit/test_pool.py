@@ -7,6 +7,7 @@ import threading
 
 import mlx.core as mx
 import pytest
+
 from blockpool import (
     AgentBlocks,
     BlockOperationError,
@@ -292,6 +293,11 @@ def test_agent_blocks_check_their_invariants(gemma_spec):
     with pytest.raises(ValueError, match="cover layers"):
         AgentBlocks("a", gemma_spec, {0: [b[0]]}, 10, list(range(10)))
     # Past its 32-token window a sliding layer needs only the blocks covering the window.
-    long = {0: [KVBlock(0, 9)], 1: [KVBlock(1, 1), KVBlock(1, 2)], 2: [KVBlock(2, 8)], 3: [KVBlock(3, 3), KVBlock(3, 4)]}
+    long = {
+        0: [KVBlock(0, 9)],
+        1: [KVBlock(1, 1), KVBlock(1, 2)],
+        2: [KVBlock(2, 8)],
+        3: [KVBlock(3, 3), KVBlock(3, 4)],
+    }
     agent = AgentBlocks("a", gemma_spec, long, 400, list(range(400)))
     assert agent.first_block(0) == 1 and agent.first_block(1) == 0

@@ -8,10 +8,10 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-import tiny_models
 from mlx_lm import stream_generate
 from mlx_lm.utils import load_tokenizer
 
+import tiny_models
 from blockpool import InvalidRequestError
 from blockpool.demo_model import EOS
 from blockpool.prompt import as_id_list, chat_messages, to_token_ids
@@ -202,7 +202,11 @@ def test_content_parts_are_joined_as_mlx_lm_server_joins_them(tokenizer):
 def test_tool_calls_without_content_and_extra_keys_reach_the_template(tokenizer):
     messages = [
         {"role": "user", "content": "read it"},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "function": {"name": "read_file", "arguments": "{}"}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "1", "function": {"name": "read_file", "arguments": "{}"}}],
+        },
         {"role": "tool", "content": "file text", "tool_call_id": "1"},
     ]
     assert chat_messages(messages)[1] == {**messages[1], "content": ""}
@@ -243,7 +247,10 @@ def test_no_chat_template_is_refused(tokenizer_dirs):
         ([{"role": 3, "content": "hi"}], "non-empty string 'role'"),
         ([{"role": "user", "content": 5}], "'content' must be a string or a list of text parts"),
         ([{"role": "user", "content": b"hi"}], "'content' must be a string or a list of text parts"),
-        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "only text parts.*'image_url'"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+            "only text parts.*'image_url'",
+        ),
         ([{"role": "user", "content": [{"type": "input_audio"}]}], "only text parts.*'input_audio'"),
         ([{"role": "user", "content": ["hi"]}], "part 0: expected a dict"),
         ([{"role": "user", "content": [{"type": "text"}]}], "'text' must be a string"),

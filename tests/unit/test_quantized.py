@@ -5,7 +5,17 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from blockpool import AgentBlocks, BlockPool, BlockWrite, Geometry, InvalidRequestError, LayerSpec, ModelCacheSpec, ops, reference
+from blockpool import (
+    AgentBlocks,
+    BlockPool,
+    BlockWrite,
+    Geometry,
+    InvalidRequestError,
+    LayerSpec,
+    ModelCacheSpec,
+    ops,
+    reference,
+)
 from blockpool.persistence import export_agent, import_agent, load_agent_file, save_agent_file
 
 FLOATS = [mx.float16, mx.bfloat16, mx.float32]
@@ -51,7 +61,9 @@ def test_only_required_arguments():
 
 # Issue 10: every entry used the first entry's dtype, and a 4-byte dtype
 # after a 2-byte one wrote past the output buffer.
-@pytest.mark.parametrize("order", [(mx.float16, mx.float32, mx.bfloat16), (mx.float32, mx.bfloat16, mx.float16)], ids=str)
+@pytest.mark.parametrize(
+    "order", [(mx.float16, mx.float32, mx.bfloat16), (mx.float32, mx.bfloat16, mx.float16)], ids=str
+)
 def test_each_entry_keeps_its_own_scales_dtype(order):
     pools = [quantized_pool(4, 2, 8, 64, dtype, 4, 32, seed=i) for i, dtype in enumerate(order)]
     packed, scales, biases = (list(p) for p in zip(*pools))
@@ -89,22 +101,71 @@ def test_concat_dequantize_of_strided_planes():
 
 
 BAD = {
-    "bits 3": (lambda q, s, b: ops.gather_dequantize_blocks([q], [s], [b], [[0]], group_size=64, bits=3), "bits must be 2, 4 or 8, got 3"),
-    "group 16": (lambda q, s, b: ops.gather_dequantize_blocks([q], [s], [b], [[0]], group_size=16, bits=4), "group_size must be 32, 64 or 128, got 16"),
-    "wrong group": (lambda q, s, b: ops.gather_dequantize_blocks([q], [s], [b], [[0]], group_size=32, bits=4), r"scales and biases must be \[6, 1, 4, 2\]"),
-    "float packed": (lambda q, s, b: ops.gather_dequantize_blocks([s], [s], [b], [[0]], group_size=64, bits=4), "packed data must be uint32, got float16"),
-    "id out of range": (lambda q, s, b: ops.gather_dequantize_blocks([q], [s], [b], [[6]], group_size=64, bits=4), "block id 6 .* out of range for a pool of 6 blocks"),
-    "dtype mismatch": (lambda q, s, b: ops.gather_dequantize_blocks([q], [s], [b.astype(mx.float32)], [[0]], group_size=64, bits=4), "must share one dtype"),
-    "float64 scales": (lambda q, s, b: ops.gather_dequantize_blocks([q], [s.astype(mx.float64)], [b.astype(mx.float64)], [[0]], group_size=64, bits=4), "must share one dtype: float16, bfloat16 or float32"),
-    "lengths": (lambda q, s, b: ops.gather_dequantize_blocks([q, q], [s], [b], [[0], [1]], group_size=64, bits=4), "got 2 packed pools but 1 scales pools"),
-    "mixed triples": (lambda q, s, b: ops.gather_dequantize_blocks([q, q], [s, s * 2], [b, b], [[0], [1]], group_size=64, bits=4), "the same packed pool is paired with other scales or biases"),
+    "bits 3": (
+        lambda q, s, b: ops.gather_dequantize_blocks([q], [s], [b], [[0]], group_size=64, bits=3),
+        "bits must be 2, 4 or 8, got 3",
+    ),
+    "group 16": (
+        lambda q, s, b: ops.gather_dequantize_blocks([q], [s], [b], [[0]], group_size=16, bits=4),
+        "group_size must be 32, 64 or 128, got 16",
+    ),
+    "wrong group": (
+        lambda q, s, b: ops.gather_dequantize_blocks([q], [s], [b], [[0]], group_size=32, bits=4),
+        r"scales and biases must be \[6, 1, 4, 2\]",
+    ),
+    "float packed": (
+        lambda q, s, b: ops.gather_dequantize_blocks([s], [s], [b], [[0]], group_size=64, bits=4),
+        "packed data must be uint32, got float16",
+    ),
+    "id out of range": (
+        lambda q, s, b: ops.gather_dequantize_blocks([q], [s], [b], [[6]], group_size=64, bits=4),
+        "block id 6 .* out of range for a pool of 6 blocks",
+    ),
+    "dtype mismatch": (
+        lambda q, s, b: ops.gather_dequantize_blocks([q], [s], [b.astype(mx.float32)], [[0]], group_size=64, bits=4),
+        "must share one dtype",
+    ),
+    "float64 scales": (
+        lambda q, s, b: ops.gather_dequantize_blocks(
+            [q], [s.astype(mx.float64)], [b.astype(mx.float64)], [[0]], group_size=64, bits=4
+        ),
+        "must share one dtype: float16, bfloat16 or float32",
+    ),
+    "lengths": (
+        lambda q, s, b: ops.gather_dequantize_blocks([q, q], [s], [b], [[0], [1]], group_size=64, bits=4),
+        "got 2 packed pools but 1 scales pools",
+    ),
+    "mixed triples": (
+        lambda q, s, b: ops.gather_dequantize_blocks([q, q], [s, s * 2], [b, b], [[0], [1]], group_size=64, bits=4),
+        "the same packed pool is paired with other scales or biases",
+    ),
     "concat empty entry": (lambda q, s, b: ops.concat_dequantize_blocks([[]], [[]], [[]]), r"packed\[0\] is empty"),
-    "concat block counts": (lambda q, s, b: ops.concat_dequantize_blocks([[q[0], q[1]]], [[s[0]]], [[b[0], b[1]]]), "2 packed blocks, 1 scales and 2 biases"),
-    "concat entry counts": (lambda q, s, b: ops.concat_dequantize_blocks([[q[0]]], [], [[b[0]]]), "1 packed entries, 0 scales entries"),
-    "concat scales shape": (lambda q, s, b: ops.concat_dequantize_blocks([[q[0]]], [[s[0][:, :2]]], [[b[0]]]), r"scales\[0\]\[0\] and its biases must have shape \(1, 4, 1\)"),
-    "concat scales dtypes differ": (lambda q, s, b: ops.concat_dequantize_blocks([[q[0], q[1]]], [[s[0], s[1].astype(mx.float32)]], [[b[0], b[1].astype(mx.float32)]]), "must share one dtype"),
-    "concat packed not uint32": (lambda q, s, b: ops.concat_dequantize_blocks([[s[0]]], [[s[0]]], [[b[0]]]), r"packed\[0\]\[0\] must be uint32"),
-    "concat bits 3": (lambda q, s, b: ops.concat_dequantize_blocks([[q[0]]], [[s[0]]], [[b[0]]], bits=3), "bits must be 2, 4 or 8"),
+    "concat block counts": (
+        lambda q, s, b: ops.concat_dequantize_blocks([[q[0], q[1]]], [[s[0]]], [[b[0], b[1]]]),
+        "2 packed blocks, 1 scales and 2 biases",
+    ),
+    "concat entry counts": (
+        lambda q, s, b: ops.concat_dequantize_blocks([[q[0]]], [], [[b[0]]]),
+        "1 packed entries, 0 scales entries",
+    ),
+    "concat scales shape": (
+        lambda q, s, b: ops.concat_dequantize_blocks([[q[0]]], [[s[0][:, :2]]], [[b[0]]]),
+        r"scales\[0\]\[0\] and its biases must have shape \(1, 4, 1\)",
+    ),
+    "concat scales dtypes differ": (
+        lambda q, s, b: ops.concat_dequantize_blocks(
+            [[q[0], q[1]]], [[s[0], s[1].astype(mx.float32)]], [[b[0], b[1].astype(mx.float32)]]
+        ),
+        "must share one dtype",
+    ),
+    "concat packed not uint32": (
+        lambda q, s, b: ops.concat_dequantize_blocks([[s[0]]], [[s[0]]], [[b[0]]]),
+        r"packed\[0\]\[0\] must be uint32",
+    ),
+    "concat bits 3": (
+        lambda q, s, b: ops.concat_dequantize_blocks([[q[0]]], [[s[0]]], [[b[0]]], bits=3),
+        "bits must be 2, 4 or 8",
+    ),
 }
 
 
@@ -171,7 +232,12 @@ def test_quantized_agents_are_stored_as_they_are(tmp_path):
         blocks = pool.reserve({0: 4, 1: 1}, "a")
         k = mx.random.normal((1, 2, 1000, 128)).astype(mx.bfloat16)
         v = mx.random.normal((1, 2, 1000, 64)).astype(mx.bfloat16)
-        pool.write([BlockWrite(0, blocks[0], k, v), BlockWrite(1, blocks[1], k[..., 936:, :], v[..., 936:, :], offset=936 - 768)])
+        pool.write(
+            [
+                BlockWrite(0, blocks[0], k, v),
+                BlockWrite(1, blocks[1], k[..., 936:, :], v[..., 936:, :], offset=936 - 768),
+            ]
+        )
         agent = AgentBlocks("a", spec, blocks, 1000, list(range(1000)))
         path = tmp_path / f"a{bits}.safetensors"
         save_agent_file(path, export_agent(pool, agent, "fp"))
@@ -183,7 +249,9 @@ def test_quantized_agents_are_stored_as_they_are(tmp_path):
         back = import_agent(pool, loaded)
         after = pool.read(back.blocks)
         assert mx.array_equal(before[0][0][..., :1000, :], after[0][0][..., :1000, :]).item()
-        assert mx.array_equal(before[1][1][..., 936 - 768 : 1000 - 768, :], after[1][1][..., 936 - 768 : 1000 - 768, :]).item()
+        assert mx.array_equal(
+            before[1][1][..., 936 - 768 : 1000 - 768, :], after[1][1][..., 936 - 768 : 1000 - 768, :]
+        ).item()
         pool.release(back)
         assert pool.available_blocks() == 16
     assert sizes[4] / sizes[None] < 0.32  # about a quarter: packed data plus scales and biases

@@ -5,11 +5,11 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-import tiny_models
-from tiny_models import tiny_model
 from mlx_lm.models.cache import CacheList, ChunkedKVCache, KVCache, RotatingKVCache
 
+import tiny_models
 from blockpool import Geometry, LayerSpec, ModelCacheSpec, UnsupportedModelError
+from tiny_models import tiny_model
 
 # arch -> (layers, kv heads, head dim, sliding layers)
 EXPECTED = {

@@ -59,11 +59,19 @@ def file_to_mlx_caches(file: Any, keep: int, spare_tokens: int = 0) -> list[Any]
         if keep == 0:
             caches.append(kind.new_cache())
             continue
-        planes = {name: plane.array() if hasattr(plane, "array") else plane for name, plane in file.planes[layer_id].items()}
+        planes = {
+            name: plane.array() if hasattr(plane, "array") else plane for name, plane in file.planes[layer_id].items()
+        }
         first = file.first_token[layer_id]
         if file.kv_bits:
             keys, values = (
-                mx.dequantize(planes[n], planes[f"{n}_scales"], planes[f"{n}_biases"], group_size=file.kv_group_size, bits=file.kv_bits)
+                mx.dequantize(
+                    planes[n],
+                    planes[f"{n}_scales"],
+                    planes[f"{n}_biases"],
+                    group_size=file.kv_group_size,
+                    bits=file.kv_bits,
+                )
                 for n in ("k", "v")
             )
         else:

@@ -51,9 +51,16 @@ def extend_blocks(
         if plan.write_from < total:
             keys, values, start = sources[plan.layer_id]
             if start > plan.write_from or start + keys.shape[2] < total:
-                raise ValueError(f"layer {plan.layer_id} source covers [{start}, {start + keys.shape[2]}), "
-                                 f"needs [{plan.write_from}, {total})")
-            cut.append((keys[..., plan.write_from - start : total - start, :], values[..., plan.write_from - start : total - start, :]))
+                raise ValueError(
+                    f"layer {plan.layer_id} source covers [{start}, {start + keys.shape[2]}), "
+                    f"needs [{plan.write_from}, {total})"
+                )
+            cut.append(
+                (
+                    keys[..., plan.write_from - start : total - start, :],
+                    values[..., plan.write_from - start : total - start, :],
+                )
+            )
         else:
             cut.append(None)
     got = pool.reserve(fresh_blocks(plans), base.agent_id, force=force)
@@ -77,8 +84,15 @@ def extend_blocks(
         pool.free(release, base.agent_id)
     base.consumed = True
     return AgentBlocks(
-        base.agent_id, spec, blocks, total, list(token_ids), dict(ring_index or {}), valid_from,
-        pool_id=pool.id, generation=pool.new_handle_generation(base.agent_id),
+        base.agent_id,
+        spec,
+        blocks,
+        total,
+        list(token_ids),
+        dict(ring_index or {}),
+        valid_from,
+        pool_id=pool.id,
+        generation=pool.new_handle_generation(base.agent_id),
     )
 
 
@@ -146,6 +160,12 @@ def truncate(pool: BlockPool, agent: AgentBlocks, tokens: int) -> AgentBlocks | 
         pool.free(drop, agent.agent_id)
     agent.consumed = True
     return AgentBlocks(
-        agent.agent_id, spec, blocks, tokens, agent.token_ids[:tokens], valid_from=valid_from,
-        pool_id=pool.id, generation=pool.new_handle_generation(agent.agent_id),
+        agent.agent_id,
+        spec,
+        blocks,
+        tokens,
+        agent.token_ids[:tokens],
+        valid_from=valid_from,
+        pool_id=pool.id,
+        generation=pool.new_handle_generation(agent.agent_id),
     )

@@ -4,4 +4,11 @@ from blockpool.engine.core import BlockPoolBatchEngine
 from blockpool.engine.history import HistorySource
 from blockpool.engine.types import CompletedGeneration, GenerationEvent, ProgressCallback, RequestState
 
-__all__ = ["BlockPoolBatchEngine", "CompletedGeneration", "GenerationEvent", "HistorySource", "ProgressCallback", "RequestState"]
+__all__ = [
+    "BlockPoolBatchEngine",
+    "CompletedGeneration",
+    "GenerationEvent",
+    "HistorySource",
+    "ProgressCallback",
+    "RequestState",
+]

@@ -37,6 +37,7 @@ from blockpool.spec import ModelCacheSpec
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
+
 @dataclass
 class Row:
     """One sequence in the batch: who it is, and how its next token is chosen."""
@@ -73,8 +74,9 @@ class DecodeBatch:
         self._next_logprobs: list[mx.array] = []
 
     @classmethod
-    def for_prompts(cls, model: nn.Module, spec: ModelCacheSpec, rows: list[Row], caches: list[list[Any]],
-                    last_tokens: list[int]) -> DecodeBatch:
+    def for_prompts(
+        cls, model: nn.Module, spec: ModelCacheSpec, rows: list[Row], caches: list[list[Any]], last_tokens: list[int]
+    ) -> DecodeBatch:
         """A batch of sequences whose prompts are still to be prefilled (see :meth:`prefill`).
 
         ``caches[i]`` holds row i's history in plain caches; one row keeps them

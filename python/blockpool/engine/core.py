@@ -25,7 +25,8 @@ wait queue is full (``max_waiting``).
 Threads: ``submit`` and ``cancel`` may be called from any thread; they
 validate and queue. All model work happens in the one thread that drives
 ``tick()`` (``step()`` and ``stream()`` are loops over it); another thread
-that tries to drive at the same time gets ``EngineBusyError``. Driving is
+that tries to drive at the same time gets ``EngineBusyError``
+(:mod:`.driving`). Driving is
 resumable at any point: events not yet handed out stay queued.
 """
 
@@ -42,12 +43,13 @@ from mlx_lm.generate_utils import BatchCountersSnapshot, BatchStats
 
 from blockpool.block import AgentBlocks
 from blockpool.engine.batch import LogitsProcessor, Sampler
-from blockpool.engine.intake import Intake, check_arguments
+from blockpool.engine.driving import DriveGuard
+from blockpool.engine.intake import Intake, check_arguments, check_engine_sizes, check_max_waiting
 from blockpool.engine.output import Endings, EventQueue
 from blockpool.engine.scheduler import Scheduler, default_max_waiting
 from blockpool.engine.step import Stepper
 from blockpool.engine.types import CompletedGeneration, GenerationEvent, ProgressCallback, Request, RequestState
-from blockpool.errors import EngineBusyError, IncompatibleCacheError, InvalidRequestError
+from blockpool.errors import IncompatibleCacheError, InvalidRequestError
 from blockpool.pool import BlockPool
 from blockpool.prompt import vocab_size_of
 from blockpool.spec import ModelCacheSpec
@@ -86,17 +88,10 @@ class BlockPoolBatchEngine:
         prefill_step_size: int = 2048,
         max_waiting: int | None = _DEFAULT,  # type: ignore[assignment]
     ):
-        for name, value in (
-            ("completion_batch_size", completion_batch_size),
-            ("prefill_batch_size", prefill_batch_size),
-            ("prefill_step_size", prefill_step_size),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidRequestError(f"{name} must be an integer >= 1, got {value!r}")
+        check_engine_sizes(completion_batch_size, prefill_batch_size, prefill_step_size)
         if max_waiting is _DEFAULT:
             max_waiting = default_max_waiting(pool) if isinstance(pool, BlockPool) else None
-        if max_waiting is not None and (isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0):
-            raise InvalidRequestError(f"max_waiting must be None or an integer >= 0, got {max_waiting!r}")
+        check_max_waiting(max_waiting)
         spec = ModelCacheSpec.from_model(model)
         if not isinstance(pool, BlockPool) or spec != pool.spec:
             raise IncompatibleCacheError("the pool was made for another model's cache layout")
@@ -110,15 +105,14 @@ class BlockPoolBatchEngine:
         self._agents_in_flight: set[str] = set()
         self._events = EventQueue()
         self._intake = Intake(spec, pool, tokenizer, self.vocab_size)
+        sizes = dict(completion_batch_size=completion_batch_size, prefill_batch_size=prefill_batch_size)
         self._scheduler = Scheduler(
-            spec, pool, self._lock, completion_batch_size=completion_batch_size,
-            prefill_batch_size=prefill_batch_size, prefill_step_size=prefill_step_size, max_waiting=max_waiting,
+            spec, pool, self._lock, **sizes, prefill_step_size=prefill_step_size, max_waiting=max_waiting
         )
         endings = Endings(pool, self._events, self._release)
         self._stepper = Stepper(model, spec, pool, self._scheduler, self._events, endings, set(tokenizer.eos_token_ids))
         self._endings = endings
-        self._driver: int | None = None  # thread id driving the engine
-        self._drivers = 0  # nested drives on that thread
+        self._guard = DriveGuard()
         self._closed = False
 
     # ------------------------------------------------------------ requests
@@ -311,7 +305,7 @@ class BlockPoolBatchEngine:
 
         For callers that interleave their own work (a server) with the engine's.
         """
-        with self._driving():
+        with self._guard.driving():
             if self._has_work():
                 self._stepper.deltas = True
                 self._stepper.advance()
@@ -330,7 +324,7 @@ class BlockPoolBatchEngine:
         self.pool.charge(self._stepper, 0)
 
     def _run(self, deltas: bool) -> Iterator[GenerationEvent]:
-        with self._driving():
+        with self._guard.driving():
             while True:
                 while (event := self._events.pop()) is not None:
                     yield event
@@ -338,24 +332,6 @@ class BlockPoolBatchEngine:
                     return
                 self._stepper.deltas = deltas
                 self._stepper.advance()
-
-    @contextlib.contextmanager
-    def _driving(self) -> Iterator[None]:
-        me = threading.get_ident()
-        with self._lock:
-            if self._driver not in (None, me):
-                raise EngineBusyError(
-                    "another thread is driving this engine (step, stream or tick); drive it from one thread and submit from any"
-                )
-            self._driver = me
-            self._drivers += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._drivers -= 1
-                if self._drivers == 0:
-                    self._driver = None
 
     def _has_work(self) -> bool:
         with self._lock:

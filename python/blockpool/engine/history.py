@@ -104,7 +104,9 @@ def check_source(spec: ModelCacheSpec, pool: Any, agent_id: str, cache: Any, kee
             pool.kv_bits,
             pool.kv_group_size if pool.kv_bits else None,
         ):
-            raise IncompatibleCacheError(f"the agent file was stored with kv_bits={cache.kv_bits}, the pool uses {pool.kv_bits}")
+            raise IncompatibleCacheError(
+                f"the agent file was stored with kv_bits={cache.kv_bits}, the pool uses {pool.kv_bits}"
+            )
     elif isinstance(cache, HistorySource):
         if cache.spec != spec:
             raise IncompatibleCacheError("the cache was made for another model's cache layout")

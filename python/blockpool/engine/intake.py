@@ -52,6 +52,26 @@ def check_callables(sampler: Any, logits_processors: Any, progress: Any) -> None
         raise InvalidRequestError("prompt_progress_callback must be a callable")
 
 
+def check_engine_sizes(completion_batch_size: Any, prefill_batch_size: Any, prefill_step_size: Any) -> None:
+    """The engine's batch and chunk sizes must be integers >= 1."""
+    sizes = (
+        ("completion_batch_size", completion_batch_size),
+        ("prefill_batch_size", prefill_batch_size),
+        ("prefill_step_size", prefill_step_size),
+    )
+    for name, value in sizes:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidRequestError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def check_max_waiting(max_waiting: Any) -> None:
+    """The wait queue's bound: None or an integer >= 0."""
+    if max_waiting is not None and (
+        isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0
+    ):
+        raise InvalidRequestError(f"max_waiting must be None or an integer >= 0, got {max_waiting!r}")
+
+
 class Intake:
     """Makes checked requests for one engine's model, tokenizer and pool."""
 
@@ -86,4 +106,12 @@ class Intake:
         detokenizer = copy.copy(self.tokenizer.detokenizer)
         detokenizer.reset()
         params = Params(max_tokens, sampler, list(logits_processors or []), stops, progress)
-        return Request(-1, agent_id, prompt_ids, params, History(cache, tokens), Output(detokenizer), submitted_at=time.perf_counter())
+        return Request(
+            -1,
+            agent_id,
+            prompt_ids,
+            params,
+            History(cache, tokens),
+            Output(detokenizer),
+            submitted_at=time.perf_counter(),
+        )

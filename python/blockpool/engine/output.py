@@ -39,7 +39,9 @@ class Output:
     last_event: GenerationEvent | None = None
 
 
-def on_token(request: Request, token: int, logprobs: mx.array, eos: set[int], deltas: bool) -> tuple[str | None, GenerationEvent | None]:
+def on_token(
+    request: Request, token: int, logprobs: mx.array, eos: set[int], deltas: bool
+) -> tuple[str | None, GenerationEvent | None]:
     """Record one generated token.
 
     Returns:
@@ -122,7 +124,9 @@ def make_completion(
 def _as_generation_error(request: Request, error: BaseException | None) -> GenerationError | None:
     if error is None or isinstance(error, GenerationError):
         return error
-    failure = GenerationError(f"request {request.uid} of agent {request.agent_id!r} failed: {type(error).__name__}: {error}")
+    failure = GenerationError(
+        f"request {request.uid} of agent {request.agent_id!r} failed: {type(error).__name__}: {error}"
+    )
     failure.__cause__ = error
     return failure
 

@@ -125,7 +125,7 @@ class Scheduler:
         return sum(self.spec.blocks_held(i, final_tokens) for i in range(self.spec.num_layers))
 
     def request_bytes(self, final_tokens: int) -> int:
-        """The most a request ending at ``final_tokens`` tokens takes alone: blocks, working caches, one layer's copy."""
+        """The most a request ending at ``final_tokens`` tokens takes alone: blocks, caches, one layer's copy."""
         return self.memory.request(final_tokens, [self.pool.bytes_per_block(i) for i in range(self.spec.num_layers)])
 
     def check_fits(self, history: int, prompt_tokens: int, max_tokens: int) -> None:

@@ -50,7 +50,16 @@ class PromptBatch:
 class Stepper:
     """Runs one engine's iterations: the running batch, the prompt batch being prefilled, and their memory."""
 
-    def __init__(self, model: Any, spec: Any, pool: Any, scheduler: Scheduler, events: EventQueue, endings: Endings, eos: set[int]):
+    def __init__(
+        self,
+        model: Any,
+        spec: Any,
+        pool: Any,
+        scheduler: Scheduler,
+        events: EventQueue,
+        endings: Endings,
+        eos: set[int],
+    ):
         self.model, self.spec, self.pool = model, spec, pool
         self.scheduler, self.events, self.endings, self.eos = scheduler, events, endings, eos
         self.batch = DecodeBatch(model, spec)
@@ -262,7 +271,9 @@ class Stepper:
                     raise
                 continue
             params = request.params
-            request.row = Row(request, params.sampler, params.logits_processors, context=request.history.tokens + request.prompt[:-1])
+            request.row = Row(
+                request, params.sampler, params.logits_processors, context=request.history.tokens + request.prompt[:-1]
+            )
             rows.append(request.row)
             caches.append(request.caches)
             last.append(request.prompt[-1])

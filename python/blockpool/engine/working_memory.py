@@ -54,7 +54,12 @@ class WorkingMemory:
 
 
 def request_bytes(
-    spec: ModelCacheSpec, tokens: int, *, kv_bits: int | None = None, kv_group_size: int = 64, prefill_step_size: int = 2048
+    spec: ModelCacheSpec,
+    tokens: int,
+    *,
+    kv_bits: int | None = None,
+    kv_group_size: int = 64,
+    prefill_step_size: int = 2048,
 ) -> int:
     """The most memory one request of ``tokens`` tokens (history, prompt and ``max_tokens``) takes alone.
 

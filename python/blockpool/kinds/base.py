@@ -121,7 +121,7 @@ class CacheKind(ABC):
     def growth_tokens(self, cache: Any) -> int:
         """Token capacity the cache adds when the next token is written (0: it has room)."""
 
-    def grow(self, cache: Any, tokens: int = 1) -> None:
+    def grow(self, cache: Any, tokens: int = 1) -> None:  # noqa: B027 - most kinds grow inside the model call
         """Give the cache room for ``tokens`` more now, as its own update would, if it grows by
         reallocation; a kind whose cache grows inside the model call does nothing here."""
 

@@ -55,7 +55,9 @@ class SlidingWindow(CacheKind):
     def room(self, total: int, spare_tokens: int, block_tokens: int) -> int:
         return 0  # a rotating cache grows inside the model call, bounded by its window
 
-    def rebuild(self, keys: mx.array, values: mx.array, total: int, data_start: int, ring: int | None) -> RotatingKVCache:
+    def rebuild(
+        self, keys: mx.array, values: mx.array, total: int, data_start: int, ring: int | None
+    ) -> RotatingKVCache:
         n = min(total, self.window)
         start = total - n - data_start
         keys, values = keys[..., start : start + n, :], values[..., start : start + n, :]

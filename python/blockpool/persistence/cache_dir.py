@@ -26,7 +26,9 @@ QUARANTINE_MARK = ".corrupt-"
 def quarantine(path: Path) -> Path:
     """Move a bad file aside (never delete it; a symbolic link is moved, not followed) and return where it went."""
     path = Path(path)
-    target = path.with_name(f"{path.name}{QUARANTINE_MARK}{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**6}")
+    target = path.with_name(
+        f"{path.name}{QUARANTINE_MARK}{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**6}"
+    )
     os.replace(path, target)
     return target
 
@@ -50,7 +52,9 @@ def remove_stale_temp_files(directory: Path, *, max_age: float = 3600.0) -> list
     try:
         dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
-        raise PersistenceError(e.errno or errno.EIO, f"cannot list cache directory ({e.strerror or e})", str(directory)) from e
+        raise PersistenceError(
+            e.errno or errno.EIO, f"cannot list cache directory ({e.strerror or e})", str(directory)
+        ) from e
     removed = []
     try:
         now = time.time()
@@ -120,7 +124,9 @@ def describe_cache_dir(directory: Path) -> list[FileReport]:
     try:
         entries = sorted(os.scandir(directory), key=lambda e: e.name)
     except OSError as e:
-        raise PersistenceError(e.errno or errno.EIO, f"cannot list cache directory ({e.strerror or e})", str(directory)) from e
+        raise PersistenceError(
+            e.errno or errno.EIO, f"cannot list cache directory ({e.strerror or e})", str(directory)
+        ) from e
     return [r for entry in entries if (r := _describe(Path(directory) / entry.name)) is not None]
 
 
@@ -148,13 +154,24 @@ def _describe(path: Path) -> FileReport | None:
             return FileReport(name, "not an agent file", "other", size_bytes=size)
         return FileReport(name, f"corrupt: {str(e).removeprefix(str(path) + ': ')}", "corrupt", size_bytes=size)
     except IncompatibleCacheError as e:
-        return FileReport(name, f"incompatible: {str(e).removeprefix(str(path) + ': ')}", "incompatible", size_bytes=size)
+        return FileReport(
+            name, f"incompatible: {str(e).removeprefix(str(path) + ': ')}", "incompatible", size_bytes=size
+        )
     except PersistenceError as e:
         return FileReport(name, f"unreadable: {e.strerror}", "corrupt", size_bytes=size)
     sizes = {getattr(mx, layer.geometry.dtype).size * 8 for layer in file.spec.layers}
     bits = file.kv_bits or (sizes.pop() if len(sizes) == 1 else max(sizes))
     return FileReport(
-        name, "ok", "ok", file.agent_id, len(file.token_ids), size, file.fingerprint, metadata.get("format_version"), file.kv_bits, bits
+        name,
+        "ok",
+        "ok",
+        file.agent_id,
+        len(file.token_ids),
+        size,
+        file.fingerprint,
+        metadata.get("format_version"),
+        file.kv_bits,
+        bits,
     )
 
 

@@ -43,7 +43,16 @@ from blockpool.spec import ModelCacheSpec
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
 METADATA_KEYS = (
-    "format", "format_version", "agent_id", "fingerprint", "spec", "first_token", "ring_index", "kv_bits", "kv_group_size", "checksum",
+    "format",
+    "format_version",
+    "agent_id",
+    "fingerprint",
+    "spec",
+    "first_token",
+    "ring_index",
+    "kv_bits",
+    "kv_group_size",
+    "checksum",
 )
 
 
@@ -190,10 +199,19 @@ def load_agent_file(path: Path, fingerprint: str | None = None, spec: ModelCache
     if _checksum(digest, metadata) != metadata.get("checksum"):
         raise corrupt(path, "checksum mismatch")
     if metadata.get("format_version") != str(FORMAT_VERSION):
-        raise IncompatibleCacheError(f"{path}: format version {metadata.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise IncompatibleCacheError(
+            f"{path}: format version {metadata.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
     try:
         file = _structure(metadata, arrays)
-    except (KeyError, ValueError, TypeError, AttributeError, IndexError, RecursionError) as e:  # checksummed, yet inconsistent
+    except (
+        KeyError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        RecursionError,
+    ) as e:  # checksummed, yet inconsistent
         raise corrupt(path, f"inconsistent contents ({e})") from e
     if fingerprint is not None and file.fingerprint != fingerprint:
         raise IncompatibleCacheError(f"{path} was written for another model (fingerprint {file.fingerprint})")
@@ -212,7 +230,12 @@ def _structure(metadata: dict[str, str], arrays: dict[str, mx.array]) -> AgentFi
     if not isinstance(agent_id, str) or not agent_id:
         raise ValueError(f"agent id {agent_id!r} is not a non-empty string")
     kv_bits, kv_group_size = json.loads(metadata["kv_bits"]), json.loads(metadata["kv_group_size"])
-    if kv_bits not in (None, 4, 8) or isinstance(kv_bits, bool) or kv_group_size not in (32, 64, 128) or isinstance(kv_group_size, bool):
+    if (
+        kv_bits not in (None, 4, 8)
+        or isinstance(kv_bits, bool)
+        or kv_group_size not in (32, 64, 128)
+        or isinstance(kv_group_size, bool)
+    ):
         raise ValueError(f"unknown quantization kv_bits={kv_bits!r}, kv_group_size={kv_group_size!r}")
 
     ids = arrays["token_ids"]
@@ -224,14 +247,19 @@ def _structure(metadata: dict[str, str], arrays: dict[str, mx.array]) -> AgentFi
     total = len(token_ids)
 
     first_token = json.loads(metadata["first_token"])
-    if not isinstance(first_token, list) or len(first_token) != spec.num_layers or not all(type(t) is int for t in first_token):
+    if (
+        not isinstance(first_token, list)
+        or len(first_token) != spec.num_layers
+        or not all(type(t) is int for t in first_token)
+    ):
         raise ValueError(f"first_token must list one integer position per layer ({spec.num_layers})")
     for i in range(spec.num_layers):
         # A layer's stored tokens must start at or before the first position its kind needs.
         kind, needed = spec.kind(i), spec.kind(i).first_needed(total)
         if not 0 <= first_token[i] <= needed:
             raise ValueError(
-                f"{kind.label} layer {i} starts at token {first_token[i]}; with {total} tokens it must hold those from {needed} on"
+                f"{kind.label} layer {i} starts at token {first_token[i]}; "
+                f"with {total} tokens it must hold those from {needed} on"
             )
 
     ring_raw = json.loads(metadata["ring_index"])
@@ -259,10 +287,15 @@ def _structure(metadata: dict[str, str], arrays: dict[str, mx.array]) -> AgentFi
             array = arrays[f"layers.{i}.{name}"]
             expected.add(f"layers.{i}.{name}")
             if array.shape != (1, g.kv_heads, tokens, dim) or array.dtype != getattr(mx, dtype):
-                raise ValueError(f"layer {i} plane {name} is {array.dtype} {tuple(array.shape)}, expected {dtype} {(1, g.kv_heads, tokens, dim)}")
+                raise ValueError(
+                    f"layer {i} plane {name} is {array.dtype} {tuple(array.shape)}, "
+                    f"expected {dtype} {(1, g.kv_heads, tokens, dim)}"
+                )
             layer_planes[name] = array
         planes.append(layer_planes)
     extra = sorted(set(arrays) - expected)
     if extra:
         raise ValueError(f"tensors the layout does not have: {extra[:5]}")
-    return AgentFile(agent_id, metadata["fingerprint"], spec, token_ids, first_token, planes, ring_index, kv_bits, kv_group_size)
+    return AgentFile(
+        agent_id, metadata["fingerprint"], spec, token_ids, first_token, planes, ring_index, kv_bits, kv_group_size
+    )

@@ -79,7 +79,9 @@ def export_agent(pool: Any, agent: AgentBlocks, fingerprint: str) -> AgentFile:
         if total:
             offset = agent.first_block(layer_id) * b
             blocks = data[layer_id]
-            stored = {name: BlockRows([blk[name] for blk in blocks], start - offset, total - start) for name in blocks[0]}
+            stored = {
+                name: BlockRows([blk[name] for blk in blocks], start - offset, total - start) for name in blocks[0]
+            }
         else:
             g = layer.geometry
             stored = {
@@ -89,7 +91,15 @@ def export_agent(pool: Any, agent: AgentBlocks, fingerprint: str) -> AgentFile:
         first.append(start)
         planes.append(stored)
     return AgentFile(
-        agent.agent_id, fingerprint, spec, list(agent.token_ids), first, planes, dict(agent.ring_index), pool.kv_bits, pool.kv_group_size
+        agent.agent_id,
+        fingerprint,
+        spec,
+        list(agent.token_ids),
+        first,
+        planes,
+        dict(agent.ring_index),
+        pool.kv_bits,
+        pool.kv_group_size,
     )
 
 
@@ -102,7 +112,10 @@ def import_agent(pool: Any, file: AgentFile) -> AgentBlocks:
     """
     if file.spec != pool.spec:
         raise IncompatibleCacheError(f"agent {file.agent_id!r} was stored for another cache layout")
-    if (file.kv_bits, file.kv_group_size if file.kv_bits else None) != (pool.kv_bits, pool.kv_group_size if pool.kv_bits else None):
+    if (file.kv_bits, file.kv_group_size if file.kv_bits else None) != (
+        pool.kv_bits,
+        pool.kv_group_size if pool.kv_bits else None,
+    ):
         raise IncompatibleCacheError(
             f"agent {file.agent_id!r} was stored with kv_bits={file.kv_bits}, the pool uses kv_bits={pool.kv_bits}"
         )
@@ -115,16 +128,27 @@ def import_agent(pool: Any, file: AgentFile) -> AgentBlocks:
     reserved = pool.reserve(counts, file.agent_id)
     try:
         writes = [
-            (layer_id, reserved[layer_id], {n: as_array(p) for n, p in file.planes[layer_id].items()},
-             file.first_token[layer_id] - starts[layer_id])
+            (
+                layer_id,
+                reserved[layer_id],
+                {n: as_array(p) for n, p in file.planes[layer_id].items()},
+                file.first_token[layer_id] - starts[layer_id],
+            )
             for layer_id in range(spec.num_layers)
             if total > file.first_token[layer_id]
         ]
         pool.write_planes(writes)
         valid_from = {i: file.first_token[i] for i in range(spec.num_layers)}
         return AgentBlocks(
-            file.agent_id, spec, reserved, total, list(file.token_ids), dict(file.ring_index), valid_from,
-            pool_id=pool.id, generation=pool.new_handle_generation(),
+            file.agent_id,
+            spec,
+            reserved,
+            total,
+            list(file.token_ids),
+            dict(file.ring_index),
+            valid_from,
+            pool_id=pool.id,
+            generation=pool.new_handle_generation(),
         )
     except Exception:
         pool.free([blk for blocks in reserved.values() for blk in blocks], file.agent_id)

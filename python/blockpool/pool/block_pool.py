@@ -19,27 +19,26 @@ different threads; array work (gathers, splits) runs outside it.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import mlx.core as mx
 
 from blockpool import ops
 from blockpool.block import AgentBlocks, KVBlock
-from blockpool.errors import BlockOperationError, InvalidRequestError, PoolExhaustedError
+from blockpool.errors import InvalidRequestError, PoolExhaustedError
 from blockpool.pool.books import BlockBooks
-from blockpool.pool.budget import Budget, Reclaimer
-from blockpool.pool.storage import BlockStorage, Planes
-from blockpool.pool.types import AgentUsage, BlockWrite, PoolStats
+from blockpool.pool.budget import Budget, BudgetMethods
+from blockpool.pool.storage import BlockStorage
+from blockpool.pool.types import BlockWrite, PoolStats
 from blockpool.spec import ModelCacheSpec
 
 #: The budget of a pool given neither a block count nor a byte count.
 DEFAULT_MEMORY_BYTES = 1 << 30
 
 
-class BlockPool:
+class BlockPool(BudgetMethods):
     """Owns the KV memory of every agent, in fixed-size blocks, under one byte budget.
 
     Args:
@@ -74,20 +73,10 @@ class BlockPool:
         geometry_bytes = [g.bytes_per_block(self.block_tokens, kv_bits, kv_group_size) for g in spec.geometries]
         self._layer_bytes = [geometry_bytes[spec.geometry_index(i)] for i in range(spec.num_layers)]
         self._geometry_bytes = geometry_bytes
-        layer_counts = [len(spec.layers_of(g)) for g in range(len(spec.geometries))]
-        if memory_bytes is not None:
-            row_bytes = sum(n * b for n, b in zip(layer_counts, geometry_bytes))
-            rows = memory_bytes // row_bytes
-            if rows < 1:
-                raise InvalidRequestError(f"memory_bytes={memory_bytes} is less than one block per layer ({row_bytes} bytes)")
-            self.total_bytes, self.total_blocks = int(memory_bytes), rows * spec.num_layers
-        else:
-            shares = _split(num_blocks, layer_counts)
-            self.total_blocks = int(num_blocks)
-            self.total_bytes = sum(n * b for n, b in zip(shares, geometry_bytes))
+        self.total_bytes, self.total_blocks = _size(spec, geometry_bytes, num_blocks, memory_bytes)
         self._lock = threading.RLock()
         self._books = BlockBooks()
-        self._storage = BlockStorage(spec, kv_bits, kv_group_size)
+        self._storage = BlockStorage(spec, kv_bits, kv_group_size, self._books, self._lock)
         self._budget = Budget(self.total_bytes, self.total_blocks, self._lock, self._evict_oldest_cached)
         ops.ensure_cache_limit(min(self.total_bytes, 1 << 30))
 
@@ -150,84 +139,20 @@ class BlockPool:
     def stats(self) -> PoolStats:
         """A consistent snapshot of blocks and bytes in use, per agent and in total."""
         with self._lock:
-            books, layer_bytes = self._books, self._layer_bytes
-            agents = {
-                agent: AgentUsage(len(held), sum(layer_bytes[books.layer[i]] for i in held)) for agent, held in books.held.items()
-            }
             free = self.available_blocks()
             return PoolStats(
                 total_blocks=self.total_blocks,
                 free_blocks=free,
                 used_blocks=self.total_blocks - free,
-                shared_blocks=sum(1 for r in books.refs.values() if r > 1),
+                shared_blocks=self._books.shared(),
                 total_bytes=self.total_bytes,
                 used_bytes=self._budget.used,
-                agents=agents,
+                agents=self._books.usage(self._layer_bytes),
                 block_bytes=self._budget.block_bytes,
                 working_bytes=self._budget.working(),
                 transient_bytes=self._budget.transient_bytes,
-                cached_free_blocks=len(books.cached),
+                cached_free_blocks=len(self._books.cached),
             )
-
-    def add_reclaimer(self, reclaimer: Reclaimer) -> None:
-        """Register a callable that frees memory when the pool is short (see :data:`Reclaimer`)."""
-        self._budget.add_reclaimer(reclaimer)
-
-    def remove_reclaimer(self, reclaimer: Reclaimer) -> None:
-        """Unregister a reclaimer (no error if it was not registered)."""
-        self._budget.remove_reclaimer(reclaimer)
-
-    def make_room(self, nbytes: int, *, reclaim: bool = True) -> bool:
-        """Try to make ``nbytes`` chargeable: drop cached-free blocks, then ask the reclaimers.
-
-        Returns:
-            Whether ``nbytes`` fit now. Reclaimers may also have started
-            work (a spill being written) that frees memory later.
-        """
-        return self._budget.make_room(nbytes, reclaim=reclaim)
-
-    def charge(self, owner: object, nbytes: int, *, force: bool = False) -> bool:
-        """Set the working bytes ``owner`` holds outside blocks; False (nothing changed) if they do not fit.
-
-        Growing a charge may drop cached-free blocks; it never asks the
-        reclaimers (call :meth:`make_room` first for that). Shrinking always
-        succeeds. ``force`` records the charge even past the budget (memory
-        that is already held: the pool then fits nothing new until it drops).
-        """
-        return self._budget.charge(owner, nbytes, force=force)
-
-    def working_bytes(self, owner: object | None = None) -> int:
-        """Working bytes charged by one owner, or by all."""
-        return self._budget.working(owner)
-
-    @contextlib.contextmanager
-    def transient(self, nbytes: int, *, force: bool = False) -> Iterator[None]:
-        """Charge ``nbytes`` for the duration of a copy.
-
-        Raises:
-            PoolExhaustedError: They do not fit (unless ``force``: a copy that
-                frees at least as much as it takes, e.g. a write-back, may
-                run over for its duration rather than fail).
-        """
-        with self._budget.transient(nbytes, force=force, available=self.available_blocks):
-            yield
-
-    @property
-    def releasing_bytes(self) -> int:
-        """Bytes reclaimers have promised to free soon (a spill being written)."""
-        return self._budget.releasing
-
-    def begin_release(self, nbytes: int) -> None:
-        """A reclaimer announces memory it will free when background work ends."""
-        self._budget.begin_release(nbytes)
-
-    def end_release(self, nbytes: int) -> None:
-        """The announced work ended (the memory was freed, or will not be); wakes waiters."""
-        self._budget.end_release(nbytes)
-
-    def wait_for_release(self, timeout: float) -> None:
-        """Sleep until announced background work ends, or ``timeout`` seconds."""
-        self._budget.wait_for_release(timeout)
 
     # ------------------------------------------------------------ allocation
 
@@ -261,7 +186,9 @@ class BlockPool:
         with self._lock:
             if not self._budget.fits(need) and not force:
                 if len(counts) == 1:
-                    raise PoolExhaustedError(sum(counts.values()), self.available_blocks(self.spec.geometry_index(next(iter(counts)))))
+                    raise PoolExhaustedError(
+                        sum(counts.values()), self.available_blocks(self.spec.geometry_index(next(iter(counts))))
+                    )
                 raise PoolExhaustedError(self._budget.blocks_in(need), self.available_blocks())
             self._budget.block_bytes += need
             return self._books.allocate(counts, agent_id)
@@ -350,22 +277,11 @@ class BlockPool:
         (the model's next step), and it holds the blocks' arrays (immutable)
         until then, so freeing the blocks meanwhile is safe.
         """
-        spare_blocks = spare_blocks or {}
-        with self._lock:
-            layers = list(layer_blocks)
-            stored = [
-                self._held_data(layer_id, layer_blocks[layer_id])
-                + [self._storage.zero_block(layer_id)] * spare_blocks.get(layer_id, 0)
-                for layer_id in layers
-            ]
-        return dict(zip(layers, self._storage.join_kv(stored)))
+        return self._storage.read(layer_blocks, spare_blocks)
 
     def read_planes(self, layer_blocks: Mapping[int, Sequence[KVBlock]]) -> dict[int, dict[str, mx.array]]:
         """Gather blocks as stored (packed and scales too, when quantized), all in one call."""
-        with self._lock:
-            layers = list(layer_blocks)
-            stored = [[self._stored(layer_id, b) for b in layer_blocks[layer_id]] for layer_id in layers]
-        return dict(zip(layers, self._storage.join_planes(stored)))
+        return self._storage.read_planes(layer_blocks)
 
     def block_arrays(self, layer_blocks: Mapping[int, Sequence[KVBlock]]) -> dict[int, list[dict[str, mx.array]]]:
         """The arrays behind blocks, as stored, without a copy: per layer, per block, ``{plane: [H, B, d]}``.
@@ -373,8 +289,7 @@ class BlockPool:
         Blocks are immutable (a write makes new arrays), so holding these is
         safe; it keeps their memory alive even after the blocks are freed.
         """
-        with self._lock:
-            return {layer_id: [dict(self._stored(layer_id, b)) for b in blocks] for layer_id, blocks in layer_blocks.items()}
+        return self._storage.block_arrays(layer_blocks)
 
     def write(self, writes: Sequence[BlockWrite]) -> None:
         """Write tokens into blocks, quantizing them if the pool is quantized.
@@ -388,43 +303,11 @@ class BlockPool:
                 or is shared (shared blocks are read-only: copy on write).
             ValueError: Shapes or dtypes do not match the pool; nothing written.
         """
-        self.write_planes([(w.layer_id, w.blocks, self._storage.quantized(w), w.offset) for w in writes])
+        self._storage.write(writes)
 
     def write_planes(self, writes: Sequence[tuple[int, Sequence[KVBlock], Mapping[str, mx.array], int]]) -> None:
         """Write arrays as stored, ``(layer, blocks, {plane: [1, H, T, d]}, offset)`` each; see :meth:`write`."""
-        b = self.block_tokens
-        with self._lock:
-            jobs = []  # (block ids written, plane, source, offset, head)
-            for layer_id, blocks, arrays, offset in writes:
-                self._check_layer(layer_id)
-                t = self._storage.check_write(layer_id, arrays, offset)
-                if t == 0:
-                    continue
-                n = -(-(offset + t) // b)
-                if len(blocks) < n:
-                    raise ValueError(f"{t} tokens at offset {offset} need {n} blocks, got {len(blocks)}")
-                keys = self._books.owned(layer_id, blocks[:n])
-                for key in keys:
-                    if self._books.refs[key] > 1:
-                        raise BlockOperationError(f"block {key} of layer {layer_id} is shared: copy it before writing")
-                for name, a in arrays.items():
-                    # Positions before the offset keep the block's earlier tokens
-                    # (zeros in a block never written: they are not valid tokens).
-                    first = self._storage.data.get(keys[0])
-                    head = first[name] if offset and first is not None else None
-                    jobs.append((keys, name, a, offset, head))
-        if not jobs:
-            return
-        made = self._storage.split([(a, offset, head) for _, _, a, offset, head in jobs])
-        with self._lock:
-            for keys, *_ in jobs:
-                for key in keys:
-                    if self._books.refs.get(key) != 1:
-                        raise BlockOperationError(f"block {key} was freed or shared while it was written")
-            for (keys, name, *_), arrays in zip(jobs, made):
-                for key, array in zip(keys, arrays):
-                    self._storage.data.setdefault(key, {})[name] = array
-            self._books.mark_written({k for job in jobs for k in job[0]})
+        self._storage.write_planes(writes)
 
     # ------------------------------------------------------------ helpers (lock held)
 
@@ -443,32 +326,14 @@ class BlockPool:
     def _cached_bytes(self) -> int:
         return sum(self._layer_bytes[self._books.layer[i]] for i in self._books.cached)
 
-    def _held_data(self, layer_id: int, blocks: Sequence[KVBlock]) -> list[Planes]:
-        """The arrays of blocks an agent holds (a layer's whole list at once: the read path)."""
-        self._check_layer(layer_id)
-        books, out = self._books, []
-        for block in blocks:
-            key = block.block_id if isinstance(block, KVBlock) and block.layer_id == layer_id else -1
-            data = self._storage.complete(key)
-            if books.layer.get(key) != layer_id or not books.refs.get(key) or data is None:
-                data = self._stored(layer_id, block)  # the slow path says exactly what is wrong
-            out.append(data)
-        return out
-
-    def _stored(self, layer_id: int, block: KVBlock) -> Planes:
-        self._check_layer(layer_id)
-        (key,) = self._books.owned(layer_id, [block])
-        data = self._storage.complete(key)
-        if data is None:
-            raise BlockOperationError(f"{block} was never written")
-        return data
-
     def _check_layer(self, layer_id: int) -> None:
         if isinstance(layer_id, bool) or not isinstance(layer_id, int) or not 0 <= layer_id < self.spec.num_layers:
             raise InvalidRequestError(f"layer {layer_id!r} is not a layer of this model")
 
 
-def _check_arguments(spec: object, num_blocks: object, memory_bytes: object, kv_bits: object, kv_group_size: object) -> None:
+def _check_arguments(
+    spec: object, num_blocks: object, memory_bytes: object, kv_bits: object, kv_group_size: object
+) -> None:
     if not isinstance(spec, ModelCacheSpec):
         raise InvalidRequestError(f"spec must be a ModelCacheSpec, got {type(spec).__name__}")
     if num_blocks is not None and memory_bytes is not None:
@@ -486,6 +351,23 @@ def _check_arguments(spec: object, num_blocks: object, memory_bytes: object, kv_
     for value, name in ((num_blocks, "num_blocks"), (memory_bytes, "memory_bytes")):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _size(
+    spec: ModelCacheSpec, geometry_bytes: list[int], num_blocks: int | None, memory_bytes: int | None
+) -> tuple[int, int]:
+    """The budget in bytes and in blocks (of the pool's unit), from one of the two."""
+    layer_counts = [len(spec.layers_of(g)) for g in range(len(spec.geometries))]
+    if memory_bytes is not None:
+        row_bytes = sum(n * b for n, b in zip(layer_counts, geometry_bytes))
+        rows = memory_bytes // row_bytes
+        if rows < 1:
+            raise InvalidRequestError(
+                f"memory_bytes={memory_bytes} is less than one block per layer ({row_bytes} bytes)"
+            )
+        return int(memory_bytes), rows * spec.num_layers
+    shares = _split(num_blocks, layer_counts)
+    return sum(n * b for n, b in zip(shares, geometry_bytes)), int(num_blocks)
 
 
 def _check_agent(agent_id: object) -> None:

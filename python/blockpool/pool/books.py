@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from blockpool.block import KVBlock
 from blockpool.errors import BlockOperationError
+from blockpool.pool.types import AgentUsage
 
 
 class BlockBooks:
@@ -74,12 +75,27 @@ class BlockBooks:
         """The ids of held blocks of one layer; ``BlockOperationError`` for a free or foreign one."""
         keys = []
         for block in blocks:
-            if not isinstance(block, KVBlock) or block.layer_id != layer_id or self.layer.get(block.block_id) != layer_id:
+            if (
+                not isinstance(block, KVBlock)
+                or block.layer_id != layer_id
+                or self.layer.get(block.block_id) != layer_id
+            ):
                 raise BlockOperationError(f"{block} is not a block of layer {layer_id}")
             if self.refs.get(block.block_id, 0) == 0:
                 raise BlockOperationError(f"{block} is free; allocate it before using it")
             keys.append(block.block_id)
         return keys
+
+    def usage(self, layer_bytes: Sequence[int]) -> dict[str, AgentUsage]:
+        """Blocks and bytes per agent (a shared block counts for each holder)."""
+        return {
+            agent: AgentUsage(len(held), sum(layer_bytes[self.layer[i]] for i in held))
+            for agent, held in self.held.items()
+        }
+
+    def shared(self) -> int:
+        """Blocks held by more than one agent."""
+        return sum(1 for r in self.refs.values() if r > 1)
 
     # ------------------------------------------------------------ changes
 

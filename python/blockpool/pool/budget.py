@@ -134,8 +134,10 @@ class Budget:
             return True
 
     @contextlib.contextmanager
-    def transient(self, nbytes: int, *, force: bool = False, available: Callable[[], int] = lambda: 0) -> Iterator[None]:
-        """Charge ``nbytes`` for the duration of a copy; ``PoolExhaustedError`` if they do not fit (unless ``force``)."""
+    def transient(
+        self, nbytes: int, *, force: bool = False, available: Callable[[], int] = lambda: 0
+    ) -> Iterator[None]:
+        """Charge ``nbytes`` while a copy runs; ``PoolExhaustedError`` if they do not fit (unless ``force``)."""
         with self._lock:
             if not self.fits(nbytes) and not force:
                 raise PoolExhaustedError(self.blocks_in(nbytes), available(), "for a copy")
@@ -171,3 +173,72 @@ class Budget:
         """Raise ``AssertionError`` if the charges are impossible."""
         assert self._transient >= 0
         assert self.used - cached_bytes <= self.total_bytes + self._transient
+
+
+class BudgetMethods:
+    """The pool's memory API (working charges, copies in flight, reclaimers), delegated to its :class:`Budget`.
+
+    Mixed into :class:`~blockpool.pool.BlockPool`, which sets ``_budget``.
+    """
+
+    _budget: Budget
+
+    def add_reclaimer(self, reclaimer: Reclaimer) -> None:
+        """Register a callable that frees memory when the pool is short (see :data:`Reclaimer`)."""
+        self._budget.add_reclaimer(reclaimer)
+
+    def remove_reclaimer(self, reclaimer: Reclaimer) -> None:
+        """Unregister a reclaimer (no error if it was not registered)."""
+        self._budget.remove_reclaimer(reclaimer)
+
+    def make_room(self, nbytes: int, *, reclaim: bool = True) -> bool:
+        """Try to make ``nbytes`` chargeable: drop cached-free blocks, then ask the reclaimers.
+
+        Returns:
+            Whether ``nbytes`` fit now. Reclaimers may also have started
+            work (a spill being written) that frees memory later.
+        """
+        return self._budget.make_room(nbytes, reclaim=reclaim)
+
+    def charge(self, owner: object, nbytes: int, *, force: bool = False) -> bool:
+        """Set the working bytes ``owner`` holds outside blocks; False (nothing changed) if they do not fit.
+
+        Growing a charge may drop cached-free blocks; it never asks the
+        reclaimers (call :meth:`make_room` first for that). Shrinking always
+        succeeds. ``force`` records the charge even past the budget (memory
+        that is already held: the pool then fits nothing new until it drops).
+        """
+        return self._budget.charge(owner, nbytes, force=force)
+
+    def working_bytes(self, owner: object | None = None) -> int:
+        """Working bytes charged by one owner, or by all."""
+        return self._budget.working(owner)
+
+    @contextlib.contextmanager
+    def transient(self, nbytes: int, *, force: bool = False) -> Iterator[None]:
+        """Charge ``nbytes`` for the duration of a copy.
+
+        Raises:
+            PoolExhaustedError: They do not fit (unless ``force``: a copy that
+                frees at least as much as it takes, e.g. a write-back, may
+                run over for its duration rather than fail).
+        """
+        with self._budget.transient(nbytes, force=force, available=self.available_blocks):
+            yield
+
+    @property
+    def releasing_bytes(self) -> int:
+        """Bytes reclaimers have promised to free soon (a spill being written)."""
+        return self._budget.releasing
+
+    def begin_release(self, nbytes: int) -> None:
+        """A reclaimer announces memory it will free when background work ends."""
+        self._budget.begin_release(nbytes)
+
+    def end_release(self, nbytes: int) -> None:
+        """The announced work ended (the memory was freed, or will not be); wakes waiters."""
+        self._budget.end_release(nbytes)
+
+    def wait_for_release(self, timeout: float) -> None:
+        """Sleep until announced background work ends, or ``timeout`` seconds."""
+        self._budget.wait_for_release(timeout)

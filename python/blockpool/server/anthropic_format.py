@@ -18,8 +18,8 @@ import uuid
 from typing import Any
 
 from blockpool.server.api_errors import bad_request
-from blockpool.server.tickets import Outcome
 from blockpool.server.schemas import MessagesRequest
+from blockpool.server.tickets import Outcome
 
 
 def to_chat(request: MessagesRequest) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
@@ -43,7 +43,11 @@ def to_chat(request: MessagesRequest) -> tuple[list[dict[str, Any]], list[dict[s
         for j, tool in enumerate(request.tools):
             if not isinstance(tool.get("name"), str):
                 raise bad_request(f"tools.{j}: a tool needs a string 'name'", "tools")
-            function = {"name": tool["name"], "description": tool.get("description", ""), "parameters": tool.get("input_schema", {})}
+            function = {
+                "name": tool["name"],
+                "description": tool.get("description", ""),
+                "parameters": tool.get("input_schema", {}),
+            }
             tools.append({"type": "function", "function": function})
     return messages, tools
 
@@ -70,7 +74,11 @@ def _turn(role: str, blocks: list[dict[str, Any]], where: str) -> list[dict[str,
             text.append(block["text"])
         elif kind == "tool_use" and role == "assistant":
             calls.append(
-                {"id": block.get("id"), "type": "function", "function": {"name": block.get("name"), "arguments": block.get("input", {})}}
+                {
+                    "id": block.get("id"),
+                    "type": "function",
+                    "function": {"name": block.get("name"), "arguments": block.get("input", {})},
+                }
             )
         elif kind == "tool_result" and role == "user":
             flush()
@@ -155,18 +163,31 @@ class MessageFormat:
         }
         return [
             ("message_start", {"type": "message_start", "message": message}),
-            ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            (
+                "content_block_start",
+                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            ),
             ("ping", {"type": "ping"}),
         ]
 
     @staticmethod
     def delta_event(text: str) -> tuple[str, dict[str, Any]]:
         """A ``content_block_delta`` with new text."""
-        return "content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}
+        return "content_block_delta", {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "text_delta", "text": text},
+        }
 
-    def end_events(self, outcome: Outcome, stop_reason: str, stop_sequence: str | None) -> list[tuple[str, dict[str, Any]]]:
+    def end_events(
+        self, outcome: Outcome, stop_reason: str, stop_sequence: str | None
+    ) -> list[tuple[str, dict[str, Any]]]:
         """``content_block_stop``, ``message_delta`` (the stop reason and final usage) and ``message_stop``."""
-        delta = {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence}, "usage": self._usage(outcome, outcome.prompt_tokens)}
+        delta = {
+            "type": "message_delta",
+            "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+            "usage": self._usage(outcome, outcome.prompt_tokens),
+        }
         return [
             ("content_block_stop", {"type": "content_block_stop", "index": 0}),
             ("message_delta", delta),

@@ -154,7 +154,9 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(Exception)
     async def server_error(request: Request, error: Exception) -> JSONResponse:
         log.exception("unexpected error serving %s %s", request.method, request.url.path)
-        return _error_response(request, ApiError(500, f"internal error: {type(error).__name__}: {error}", kind="server_error"))
+        return _error_response(
+            request, ApiError(500, f"internal error: {type(error).__name__}: {error}", kind="server_error")
+        )
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -206,7 +208,9 @@ def create_app(state: ServerState) -> FastAPI:
         check_model(body.model, state.served_names)
         agent_id = agent_identity(request.headers.get("x-agent-id"), body.user)
         top = body.top_logprobs or 0
-        params = openai_params(body, state.defaults, state.vocab_size, logprobs=bool(body.logprobs) or top > 0, top_logprobs=top)
+        params = openai_params(
+            body, state.defaults, state.vocab_size, logprobs=bool(body.logprobs) or top > 0, top_logprobs=top
+        )
         template = {**state.chat_template_args, **(body.chat_template_kwargs or {})}
         tokens = await state.tokenize(
             _openai_messages(body.messages), tools=body.tools or None, chat_template_kwargs=template or None
@@ -230,7 +234,9 @@ def create_app(state: ServerState) -> FastAPI:
             prompt = prompt[0]
         agent_id = agent_identity(request.headers.get("x-agent-id"), body.user)
         top = body.logprobs or 0
-        params = openai_params(body, state.defaults, state.vocab_size, logprobs=body.logprobs is not None, top_logprobs=top)
+        params = openai_params(
+            body, state.defaults, state.vocab_size, logprobs=body.logprobs is not None, top_logprobs=top
+        )
         tokens = await state.tokenize(prompt)
         fmt = TextFormat(body.model or state.model_id, state.token_text, state.fingerprint)
         return await _answer_openai(state, request, body, fmt, agent_id, tokens, params, "completion")
@@ -289,7 +295,9 @@ def _openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     try:
                         function = {**function, "arguments": json.loads(function["arguments"])}
                     except json.JSONDecodeError:
-                        raise bad_request(f"messages.{i}.tool_calls: arguments are not valid JSON", "messages") from None
+                        raise bad_request(
+                            f"messages.{i}.tool_calls: arguments are not valid JSON", "messages"
+                        ) from None
                     call = {**call, "function": function}
                 fixed.append(call)
             message = {**message, "tool_calls": fixed}
@@ -298,7 +306,14 @@ def _openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 async def _answer_openai(
-    state: ServerState, request: Request, body: Any, fmt: ChatFormat | TextFormat, agent_id: str | None, tokens: list[int], params: Any, label: str
+    state: ServerState,
+    request: Request,
+    body: Any,
+    fmt: ChatFormat | TextFormat,
+    agent_id: str | None,
+    tokens: list[int],
+    params: Any,
+    label: str,
 ) -> Any:
     """Run an OpenAI request: a stream of chunks, or the whole answer."""
     ticket = await _start(state, request, agent_id, tokens, params, label)
@@ -310,7 +325,9 @@ async def _answer_openai(
     return fmt.response(outcome, params.logprobs)
 
 
-async def _start(state: ServerState, request: Request, agent_id: str | None, tokens: list[int], params: Any, label: str) -> Ticket:
+async def _start(
+    state: ServerState, request: Request, agent_id: str | None, tokens: list[int], params: Any, label: str
+) -> Ticket:
     """Queue the request and wait until the engine has it (or refused it)."""
     ticket = state.runner.submit(agent_id, tokens, params, asyncio.get_running_loop(), label)
     event = await _next_or_cancel(state, ticket, request)
@@ -406,7 +423,9 @@ async def _stream_pieces(ticket: Ticket) -> AsyncIterator[Piece | Outcome]:
             yield pending
 
 
-async def _openai_stream(ticket: Ticket, fmt: Any, include_usage: bool, first: list[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+async def _openai_stream(
+    ticket: Ticket, fmt: Any, include_usage: bool, first: list[dict[str, Any]]
+) -> AsyncIterator[dict[str, Any]]:
     for event in first:
         yield event
     logprobs = ticket.params.logprobs
@@ -417,7 +436,13 @@ async def _openai_stream(ticket: Ticket, fmt: Any, include_usage: bool, first: l
                     yield {"data": json.dumps(fmt.chunk(event.text, event.merged if logprobs else None))}
                 continue
             if event.finish_reason == "cancelled":
-                yield {"data": json.dumps(ApiError(503, "the request was cancelled (the server is shutting down)", kind="server_error").openai_body())}
+                yield {
+                    "data": json.dumps(
+                        ApiError(
+                            503, "the request was cancelled (the server is shutting down)", kind="server_error"
+                        ).openai_body()
+                    )
+                }
                 return
             yield {"data": json.dumps(fmt.last_chunk(event))}
             if include_usage:
@@ -469,4 +494,3 @@ def _pool_summary(state: ServerState) -> dict[str, Any]:
         "shared_blocks": stats.shared_blocks,
         "working_bytes": getattr(stats, "working_bytes", 0),
     }
-

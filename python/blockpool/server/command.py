@@ -64,7 +64,9 @@ def _at_least_zero(kind: type) -> Any:
         try:
             number = kind(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {'whole ' if kind is int else ''}number, got {value!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected a {'whole ' if kind is int else ''}number, got {value!r}"
+            ) from None
         if not number >= 0:  # NaN too
             raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
         return number
@@ -77,8 +79,12 @@ _non_negative, _whole = _at_least_zero(float), _at_least_zero(int)
 
 def add_arguments(parser: Any) -> None:
     """The ``blockpool serve`` flags."""
-    parser.add_argument("--model", required=True, help="model directory or Hugging Face repo id (anything mlx_lm.load takes); required")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, local clients only)")
+    parser.add_argument(
+        "--model", required=True, help="model directory or Hugging Face repo id (anything mlx_lm.load takes); required"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s, local clients only)"
+    )
     parser.add_argument("--port", type=_port, default=8080, help="port to listen on (default: %(default)s)")
     parser.add_argument(
         "--cache-dir",
@@ -94,36 +100,86 @@ def add_arguments(parser: Any) -> None:
         help="the KV budget in MiB: all agents' caches and the running batch's (per rank under mlx.launch); "
         f"default: a quarter of this machine's memory, at most 4096 (here {default_memory_mb()})",
     )
-    parser.add_argument("--kv-bits", type=int, choices=(8, 4), default=None, help="store resting blocks quantized to 8 or 4 bits (default: the model's dtype)")
-    parser.add_argument("--max-tokens", type=positive_int, default=512, help="tokens to generate when a request does not say (default: %(default)s)")
-    parser.add_argument("--temp", type=_non_negative, default=0.0, help="sampling temperature when a request does not say (default: %(default)s, greedy)")
-    parser.add_argument("--top-p", type=_non_negative, default=1.0, help="nucleus sampling top-p when a request does not say (default: %(default)s, off)")
-    parser.add_argument("--top-k", type=_whole, default=0, help="top-k sampling when a request does not say (default: %(default)s, off)")
-    parser.add_argument("--min-p", type=_non_negative, default=0.0, help="min-p sampling when a request does not say (default: %(default)s, off)")
-    parser.add_argument("--max-concurrency", type=positive_int, default=32, help="most requests decoded together in the batch (default: %(default)s)")
     parser.add_argument(
-        "--queue-limit", type=_whole, default=64, help="most requests waiting beyond --max-concurrency; past it the answer is 429 with Retry-After (default: %(default)s)"
+        "--kv-bits",
+        type=int,
+        choices=(8, 4),
+        default=None,
+        help="store resting blocks quantized to 8 or 4 bits (default: the model's dtype)",
     )
-    parser.add_argument("--prefill-step-size", type=positive_int, default=2048, help="prompt tokens per prefill chunk (default: %(default)s)")
+    parser.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        default=512,
+        help="tokens to generate when a request does not say (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--temp",
+        type=_non_negative,
+        default=0.0,
+        help="sampling temperature when a request does not say (default: %(default)s, greedy)",
+    )
+    parser.add_argument(
+        "--top-p",
+        type=_non_negative,
+        default=1.0,
+        help="nucleus sampling top-p when a request does not say (default: %(default)s, off)",
+    )
+    parser.add_argument(
+        "--top-k", type=_whole, default=0, help="top-k sampling when a request does not say (default: %(default)s, off)"
+    )
+    parser.add_argument(
+        "--min-p",
+        type=_non_negative,
+        default=0.0,
+        help="min-p sampling when a request does not say (default: %(default)s, off)",
+    )
+    parser.add_argument(
+        "--max-concurrency",
+        type=positive_int,
+        default=32,
+        help="most requests decoded together in the batch (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--queue-limit",
+        type=_whole,
+        default=64,
+        help="most requests waiting beyond --max-concurrency; past it the answer is 429 with "
+        "Retry-After (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--prefill-step-size",
+        type=positive_int,
+        default=2048,
+        help="prompt tokens per prefill chunk (default: %(default)s)",
+    )
     parser.add_argument(
         "--anonymous-agents",
         type=_whole,
         default=8,
-        help="recent conversations of requests without X-Agent-Id or user kept in the pool, to resume them (default: %(default)s)",
+        help="recent conversations of requests without X-Agent-Id or user kept in the pool, to resume "
+        "them (default: %(default)s)",
     )
     parser.add_argument(
         "--drain-timeout",
         type=_non_negative,
         default=30.0,
-        help="on SIGTERM, seconds to let requests in flight finish before cancelling them; every agent is persisted after (default: %(default)s)",
+        help="on SIGTERM, seconds to let requests in flight finish before cancelling them; every agent "
+        "is persisted after (default: %(default)s)",
     )
     parser.add_argument(
         "--chat-template-args",
         type=_json_object,
         default={},
-        help="JSON object of chat template arguments for every chat request, e.g. '{\"enable_thinking\": false}' (default: none)",
+        help="JSON object of chat template arguments for every chat request, e.g. "
+        "'{\"enable_thinking\": false}' (default: none)",
     )
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level (default: %(default)s)")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="logging level (default: %(default)s)",
+    )
 
 
 def run(args: Any) -> int:
@@ -206,7 +262,11 @@ def _serve_http(runner: Any, args: Any, rank: int, size: int) -> int:
     # every agent is persisted, so a no-op handler lets the command exit 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    log.info("serving on http://%s:%d (OpenAI: /v1/chat/completions, /v1/completions; Anthropic: /v1/messages)", args.host, args.port)
+    log.info(
+        "serving on http://%s:%d (OpenAI: /v1/chat/completions, /v1/completions; Anthropic: /v1/messages)",
+        args.host,
+        args.port,
+    )
     server.run()
     if runner.alive:  # startup failed before the lifespan stopped it
         runner.stop()
@@ -256,7 +316,9 @@ def _load(model_ref: str, size: int) -> tuple[Any, Any]:
         raise UsageError(f"cannot load model {model_ref!r} tensor-parallel: {e}") from None
 
 
-def _build_store(model: Any, tokenizer: Any, args: Any, memory_mb: int, cache_root: Path, rank: int, size: int) -> tuple[Any, Path]:
+def _build_store(
+    model: Any, tokenizer: Any, args: Any, memory_mb: int, cache_root: Path, rank: int, size: int
+) -> tuple[Any, Path]:
     import re
 
     from blockpool import AgentMemory, BlockPool, BlockPoolBatchEngine, ModelCacheSpec

@@ -45,7 +45,13 @@ class ChatFormat:
         self.token_text, self.fingerprint = token_text, fingerprint
 
     def _base(self, kind: str) -> dict[str, Any]:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint}
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.fingerprint,
+        }
 
     def response(self, outcome: Outcome, logprobs: bool) -> dict[str, Any]:
         """The whole answer."""
@@ -60,12 +66,18 @@ class ChatFormat:
     def first_chunk(self) -> dict[str, Any]:
         """The chunk that opens a stream: the assistant role, no content yet."""
         delta = {"role": "assistant", "content": ""}
-        return {**self._base("chat.completion.chunk"), "choices": [{"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}]}
+        return {
+            **self._base("chat.completion.chunk"),
+            "choices": [{"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}],
+        }
 
     def chunk(self, text: str, logprobs: list[TokenLogprob] | None) -> dict[str, Any]:
         """A chunk carrying new text (and its tokens' logprobs, when asked for)."""
         lp = {"content": [chat_logprob(p, self.token_text) for p in logprobs]} if logprobs is not None else None
-        return {**self._base("chat.completion.chunk"), "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None, "logprobs": lp}]}
+        return {
+            **self._base("chat.completion.chunk"),
+            "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None, "logprobs": lp}],
+        }
 
     def last_chunk(self, outcome: Outcome) -> dict[str, Any]:
         """The chunk that says why the answer ended."""
@@ -97,7 +109,11 @@ class TextFormat:
     def response(self, outcome: Outcome, logprobs: bool) -> dict[str, Any]:
         """The whole answer."""
         lp = text_logprobs(outcome.logprobs, self.token_text) if logprobs else None
-        return {**self._body(outcome.text, finish_reason(outcome), lp), "usage": usage(outcome), **_agent_fields(outcome)}
+        return {
+            **self._body(outcome.text, finish_reason(outcome), lp),
+            "usage": usage(outcome),
+            **_agent_fields(outcome),
+        }
 
     def chunk(self, text: str, logprobs: list[TokenLogprob] | None) -> dict[str, Any]:
         """An event carrying new text."""

@@ -114,7 +114,12 @@ class TicketPlanner:
             agent_id = item.agent_id
             if agent_id in self.running or agent_id in queued:
                 item.future.set_exception(
-                    ApiError(409, f"agent {agent_id!r} has a request in flight", kind="invalid_request_error", code="agent_busy")
+                    ApiError(
+                        409,
+                        f"agent {agent_id!r} has a request in flight",
+                        kind="invalid_request_error",
+                        code="agent_busy",
+                    )
                 )
             elif not self._durable(agent_id):
                 later.append(item)  # its last turn is still being written: delete after

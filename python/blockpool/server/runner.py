@@ -108,7 +108,9 @@ class EngineRunner:
         self._uid_of: dict[int, int] = {}  # key -> engine uid (every rank)
         self._key_of: dict[int, int] = {}  # engine uid -> key (every rank)
         self._running: dict[str, int] = {}  # agent -> key of its request in the engine (every rank)
-        self._planner = TicketPlanner(memory, AnonymousAgents(anonymous_agents), self._running, self._finish, self._fail)
+        self._planner = TicketPlanner(
+            memory, AnonymousAgents(anonymous_agents), self._running, self._finish, self._fail
+        )
         self._stopping = False
         self._failed: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -132,7 +134,12 @@ class EngineRunner:
         return self._thread is not None and self._thread.is_alive() and self._failed is None
 
     def submit(
-        self, agent_id: str | None, tokens: list[int], params: GenerationParams, loop: asyncio.AbstractEventLoop, label: str = ""
+        self,
+        agent_id: str | None,
+        tokens: list[int],
+        params: GenerationParams,
+        loop: asyncio.AbstractEventLoop,
+        label: str = "",
     ) -> Ticket:
         """Queue a request for the engine thread.
 
@@ -142,7 +149,9 @@ class EngineRunner:
         """
         with self._lock:
             if self._stopping or not self.alive:
-                raise ApiError(503, "the server is shutting down" if self._stopping else "the engine stopped", kind="server_error")
+                raise ApiError(
+                    503, "the server is shutting down" if self._stopping else "the engine stopped", kind="server_error"
+                )
             if self._accepted >= self.max_requests:
                 raise ApiError(
                     429,
@@ -187,18 +196,7 @@ class EngineRunner:
 
     def agents(self) -> list[dict[str, Any]]:
         """Every agent: where it lives, its tokens and bytes, whether its last turn is on disk."""
-        return [
-            {
-                "id": info.agent_id,
-                "object": "agent",
-                "where": info.where,
-                "tokens": info.tokens,
-                "bytes": info.bytes,
-                "durable": info.durable,
-                "anonymous": is_anonymous(info.agent_id),
-            }
-            for info in self.memory.agents()
-        ]
+        return [agent_row(info) for info in self.memory.agents()]
 
     # ------------------------------------------------------------ engine thread
 
@@ -332,26 +330,16 @@ class EngineRunner:
         with self._lock:
             self._accepted -= 1
         ticket.emit(outcome)
-        ttft = f"{outcome.time_to_first_token:.3f}s" if outcome.time_to_first_token is not None else "-"
-        log.info(
-            "%s agent=%s source=%s cached=%d/%d ttft=%s gen=%d tok/s=%.1f finish=%s",
-            ticket.label or "request",
-            outcome.agent_id,
-            outcome.cache_source or "-",
-            outcome.cached_tokens,
-            outcome.prompt_tokens,
-            ttft,
-            outcome.completion_tokens,
-            outcome.generation_tps,
-            outcome.finish_reason,
-        )
+        _log_outcome(ticket, outcome)
 
     def _fail(self, ticket: Ticket, error: ApiError) -> None:
         ticket.finished = True
         with self._lock:
             self._accepted -= 1
         ticket.emit(Failure(error))
-        log.warning("%s agent=%s failed: %d %s", ticket.label or "request", ticket.agent_id or "-", error.status, error.message)
+        log.warning(
+            "%s agent=%s failed: %d %s", ticket.label or "request", ticket.agent_id or "-", error.status, error.message
+        )
 
     def _shutdown(self) -> None:
         """Persist every named agent, drop anonymous ones, release the pool."""
@@ -370,6 +358,35 @@ class EngineRunner:
         """Anonymous agents do not outlive the server: remove any a crash left on disk."""
         for agent_id in self._anonymous_in_store():
             self.memory.forget(agent_id)
+
+
+def agent_row(info: Any) -> dict[str, Any]:
+    """One agent as ``GET /v1/agents`` lists it."""
+    return {
+        "id": info.agent_id,
+        "object": "agent",
+        "where": info.where,
+        "tokens": info.tokens,
+        "bytes": info.bytes,
+        "durable": info.durable,
+        "anonymous": is_anonymous(info.agent_id),
+    }
+
+
+def _log_outcome(ticket: Ticket, outcome: Outcome) -> None:
+    ttft = f"{outcome.time_to_first_token:.3f}s" if outcome.time_to_first_token is not None else "-"
+    log.info(
+        "%s agent=%s source=%s cached=%d/%d ttft=%s gen=%d tok/s=%.1f finish=%s",
+        ticket.label or "request",
+        outcome.agent_id,
+        outcome.cache_source or "-",
+        outcome.cached_tokens,
+        outcome.prompt_tokens,
+        ttft,
+        outcome.completion_tokens,
+        outcome.generation_tps,
+        outcome.finish_reason,
+    )
 
 
 def _outcome(ticket: Ticket, completion: Any) -> Outcome:
@@ -400,4 +417,3 @@ def _token_logprob(event: Any, top: int) -> TokenLogprob | None:
         values = logprobs[ids]
         best = sorted(zip(ids.tolist(), values.tolist()), key=lambda p: -p[1])
     return TokenLogprob(event.token, chosen, best)
-

@@ -122,7 +122,9 @@ def stop_list(stop: str | list[str] | None, param: str = "stop") -> list[str]:
     return stops
 
 
-def openai_params(request: SamplingFields, defaults: Defaults, vocab_size: int, *, logprobs: bool, top_logprobs: int) -> GenerationParams:
+def openai_params(
+    request: SamplingFields, defaults: Defaults, vocab_size: int, *, logprobs: bool, top_logprobs: int
+) -> GenerationParams:
     """The generation parameters of an OpenAI request, defaults filled in.
 
     Raises:
@@ -205,4 +207,6 @@ def check_model(requested: str | None, served: set[str]) -> None:
     if requested in (None, "") or requested in served:
         return
     names = ", ".join(sorted(served))
-    raise ApiError(404, f"model {requested!r} is not served here (serving: {names})", param="model", code="model_not_found")
+    raise ApiError(
+        404, f"model {requested!r} is not served here (serving: {names})", param="model", code="model_not_found"
+    )

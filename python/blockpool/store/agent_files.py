@@ -78,7 +78,9 @@ class AgentFiles:
             raise CacheCorruptionError(f"{e} (moved aside to {moved.name})") from e
         if file.agent_id != agent_id:
             moved = quarantine(path)
-            raise CacheCorruptionError(f"{path} holds agent {file.agent_id!r}, not {agent_id!r} (moved aside to {moved.name})")
+            raise CacheCorruptionError(
+                f"{path} holds agent {file.agent_id!r}, not {agent_id!r} (moved aside to {moved.name})"
+            )
         return file
 
     def export(self, pool: Any, blocks: Any) -> AgentFile:
@@ -106,7 +108,9 @@ class AgentFiles:
         for path in sorted(self.cache_dir.glob("*.safetensors")):
             try:
                 header, metadata, _ = read_header(path)
-                found.append((json.loads(metadata["agent_id"]), int(header["token_ids"]["shape"][0]), path.stat().st_size))
+                found.append(
+                    (json.loads(metadata["agent_id"]), int(header["token_ids"]["shape"][0]), path.stat().st_size)
+                )
             except Exception:
                 continue  # not an agent file, or damaged: `blockpool inspect` reports those
         return found

@@ -26,7 +26,6 @@ shared prefixes in :mod:`.prefix_index`.
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -39,9 +38,9 @@ from blockpool.errors import InvalidRequestError
 from blockpool.prompt import Prompt, to_token_ids
 from blockpool.store.agent_files import AgentFiles
 from blockpool.store.prefix_index import PrefixIndex
-from blockpool.store.resume import QueuedHistory, choose_resume, common_prefix
+from blockpool.store.resume import choose_resume, common_prefix, queue_own
 from blockpool.store.spill import Spiller
-from blockpool.store.tiers import Queued, Tiers
+from blockpool.store.tiers import AgentInfo, Tiers
 
 #: Generation arguments the store passes to the engine.
 GENERATION_ARGS = ("max_tokens", "sampler", "logits_processors", "stop", "prompt_progress_callback")
@@ -57,26 +56,6 @@ class MemoryStats:
     shared_blocks: int
     bytes_in_use: int
     bytes_saved_by_sharing: int  # what the agents' blocks would take unshared, minus what they take
-
-
-@dataclass(frozen=True)
-class AgentInfo:
-    """One agent the store knows.
-
-    Attributes:
-        agent_id: The agent.
-        where: ``"running"`` (a request in flight), ``"pool"`` (idle, in
-            blocks or in memory awaiting its write) or ``"disk"``.
-        tokens: Tokens of its history (for a running agent: so far).
-        bytes: Bytes its history takes where it is (pool blocks, or the file).
-        durable: Whether its latest history is on disk.
-    """
-
-    agent_id: str
-    where: str
-    tokens: int
-    bytes: int
-    durable: bool
 
 
 class AgentMemory:
@@ -156,13 +135,17 @@ class AgentMemory:
         """
         unknown = sorted(set(generation_args) - set(GENERATION_ARGS))
         if unknown:
-            raise InvalidRequestError(f"unknown generation arguments {unknown}; expected some of {list(GENERATION_ARGS)}")
+            raise InvalidRequestError(
+                f"unknown generation arguments {unknown}; expected some of {list(GENERATION_ARGS)}"
+            )
         self.engine.check_request(agent_id, generation_args.get("max_tokens", 256), generation_args.get("stop"))
         tokens = self.tokenize(prompt, tools=tools, chat_template_kwargs=chat_template_kwargs)
         self._spiller.wait_for_write(agent_id)
         with self._lock:
             in_memory = self._tiers.in_memory(agent_id)
-        loaded = None if in_memory else self._files.load(agent_id)  # read outside the lock: the engine never waits on it
+        loaded = (
+            None if in_memory else self._files.load(agent_id)
+        )  # read outside the lock: the engine never waits on it
         with self._lock:
             if self._closed:
                 raise InvalidRequestError("the store is closed")
@@ -185,10 +168,13 @@ class AgentMemory:
         queued, source = None, None
         if resume.kind == "shared":
             valid_from = self._index.valid_from(resume.shared, resume.keep)
-            source = AgentBlocks(agent_id, self.spec, resume.shared, resume.keep, list(tokens[: resume.keep]), valid_from=valid_from)
+            source = AgentBlocks(
+                agent_id, self.spec, resume.shared, resume.keep, list(tokens[: resume.keep]), valid_from=valid_from
+            )
             self.pool.share(source.all_blocks(), agent_id)
         elif resume.kind != "cold":
-            queued, source = self._queue_own(agent_id, tokens[: resume.keep], hot, file, unwritten)
+            queued, source = queue_own(self.pool, self._spiller, agent_id, tokens[: resume.keep], hot, file, unwritten)
+            tiers.queued[agent_id] = queued
         try:
             uid = self.engine.submit(agent_id, tokens[resume.keep :], cache=source, **generation_args)
         except BaseException:
@@ -209,24 +195,6 @@ class AgentMemory:
         tiers.busy[uid] = agent_id
         tiers.sources[uid] = resume.kind
         return uid
-
-    def _queue_own(self, agent_id: str, kept: list[int], hot: Any, file: Any, unwritten: Any) -> tuple[Queued, QueuedHistory]:
-        """Keep the agent's own cache for its queued request (lock held)."""
-        queued = Queued(agent_id, handle=hot, file=file if hot is None else None, on_disk=hot is None and unwritten is None)
-        if unwritten is not None:
-            queued.charge = unwritten[1]
-        elif queued.file is not None:  # read and verified: keep it in memory only if the budget has room
-            queued.charge = object()
-            if not self.pool.charge(queued.charge, queued.file.nbytes):
-                queued.file, queued.charge = None, None  # read back when the request is next in line
-        read_bytes = self.spec.bytes_for_tokens(len(kept), self.pool.kv_bits, self.pool.kv_group_size)
-        source = QueuedHistory(
-            agent_id, self.spec, kept, queued, read_bytes,
-            fetch=functools.partial(self._spiller.fetch, agent_id),
-            prefetch=functools.partial(self._spiller.prefetch, agent_id),
-        )
-        self._tiers.queued[agent_id] = queued
-        return queued, source
 
     def cancel(self, uid: int, *, free_blocks: bool = False) -> bool:
         """Cancel a request (see :meth:`BlockPoolBatchEngine.cancel`)."""
@@ -268,18 +236,8 @@ class AgentMemory:
 
     def agents(self) -> list[AgentInfo]:
         """Every agent the store knows, with where it lives, its tokens and its bytes."""
-        tiers = self._tiers
         with self._lock:
-            seen: dict[str, AgentInfo] = {}
-            usage = self.pool.stats().agents
-            for uid, agent_id in tiers.busy.items():
-                nbytes = usage[agent_id].bytes if agent_id in usage else 0
-                seen[agent_id] = AgentInfo(agent_id, "running", self.engine.request_tokens(uid), nbytes, False)
-            for agent_id, blocks in tiers.hot.items():
-                nbytes = usage[agent_id].bytes if agent_id in usage else 0
-                seen[agent_id] = AgentInfo(agent_id, "pool", blocks.total_tokens, nbytes, tiers.is_durable(agent_id, blocks))
-            for agent_id, (file, _) in tiers.unwritten.items():
-                seen[agent_id] = AgentInfo(agent_id, "pool", len(file.token_ids), file.nbytes, False)
+            seen = {info.agent_id: info for info in self._tiers.infos(self.engine.request_tokens)}
         for agent_id, tokens, size in self._files.listing():
             if agent_id not in seen:
                 seen[agent_id] = AgentInfo(agent_id, "disk", tokens, size, True)
@@ -315,10 +273,7 @@ class AgentMemory:
             tiers = self._tiers
             if tiers.is_busy(agent_id):
                 raise InvalidRequestError(f"agent {agent_id!r} has a generation in flight")
-            tiers.drop_hot(agent_id)
-            tiers.drop_unwritten(agent_id)
-            tiers.durable.pop(agent_id, None)
-            tiers.disk_ahead.discard(agent_id)
+            tiers.forget(agent_id)
             self._files.remove(agent_id)
 
     def flush(self) -> int:
@@ -327,24 +282,7 @@ class AgentMemory:
         Raises:
             PersistenceError: A write failed (the agent stays hot).
         """
-        if self.cache_dir is None:
-            return 0
-        self.wait_durable()
-        tiers = self._tiers
-        with self._lock:
-            agents = [(a, b) for a, b in tiers.hot.items() if not tiers.is_durable(a, b)]
-            unwritten = list(tiers.unwritten.items())
-        for agent_id, blocks in agents:
-            self._files.save(agent_id, self._files.export(self.pool, blocks))
-            with self._lock:
-                if tiers.hot.get(agent_id) is blocks:
-                    tiers.durable[agent_id] = blocks.generation
-        for agent_id, (file, _) in unwritten:  # retry the writes that failed
-            self._files.save(agent_id, file)
-            with self._lock:
-                if tiers.unwritten.get(agent_id, (None,))[0] is file:
-                    tiers.drop_unwritten(agent_id)
-        return len(agents) + len(unwritten)
+        return self._spiller.flush()
 
     def wait_durable(self, agent_id: str | None = None, timeout: float | None = None) -> bool:
         """Wait for background writes (of one agent, or all) to end.
@@ -387,7 +325,11 @@ class AgentMemory:
             pool = self.pool.stats()
             per_agent = sum(a.bytes for a in pool.agents.values())
             return MemoryStats(
-                len(self._tiers.hot), self._files.count(), pool.used_blocks, pool.shared_blocks, pool.used_bytes,
+                len(self._tiers.hot),
+                self._files.count(),
+                pool.used_blocks,
+                pool.shared_blocks,
+                pool.used_bytes,
                 max(0, per_agent - pool.block_bytes),
             )
 
@@ -398,33 +340,16 @@ class AgentMemory:
     # ------------------------------------------------------------ completions
 
     def _on_completion(self, completion: CompletedGeneration) -> CompletedGeneration:
-        agent_id, tiers = completion.agent_id, self._tiers
+        agent_id, blocks = completion.agent_id, completion.blocks
         with self._lock:
-            tiers.busy.pop(completion.uid, None)
-            source = tiers.sources.pop(completion.uid, None)
-            queued = tiers.queued.get(agent_id)
-            if queued is not None and queued.uid == completion.uid:  # ended before admission: nothing was fetched
-                tiers.queued.pop(agent_id)
-                tiers.restore(queued)
-            fetched = tiers.fetched.pop(completion.uid, None)
-            blocks = completion.blocks
-            if blocks is not None and blocks.total_tokens:
-                if fetched is not None and fetched.charge is not None:
-                    self.pool.charge(fetched.charge, 0)  # the file's copy lives in the blocks now
-                tiers.keep_hot(agent_id, blocks)
+            source, kept = self._tiers.complete(completion)
+            if kept:
                 self._index.register(blocks)
                 if completion.finish_reason in ("cancelled", "error"):
                     # The agent's cache is its history cut back to the failed prompt's common prefix; its file,
                     # if it has one, holds the longer finished turn: keep that one.
                     if self._files.exists(agent_id):
-                        tiers.disk_ahead.add(agent_id)
+                        self._tiers.disk_ahead.add(agent_id)
                 elif self.durable:
-                    file = self._files.export(self.pool, blocks)
-                    charge = object()
-                    self.pool.charge(charge, file.nbytes, force=True)
-                    self._spiller.write_behind_locked(agent_id, file, charge, blocks.generation, spill=False)
-            elif fetched is not None:
-                tiers.restore(fetched)  # the request ended before its history reached the blocks
-            if completion.cached_tokens == 0:
-                source = "cold"  # what it resumed from could not serve the prefix after all
+                    self._spiller.write_turn_locked(agent_id, blocks)
             return replace(completion, cache_source=source)

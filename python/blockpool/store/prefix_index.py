@@ -42,7 +42,9 @@ class PrefixIndex:
 
     def __init__(self, pool: BlockPool):
         self.pool = pool
-        self._entries: dict[bytes, dict[int, tuple[KVBlock, int, int]]] = {}  # key -> layer -> (block, generation, valid from)
+        self._entries: dict[
+            bytes, dict[int, tuple[KVBlock, int, int]]
+        ] = {}  # key -> layer -> (block, generation, valid from)
 
     def register(self, agent: AgentBlocks) -> None:
         """Index the full blocks an agent holds."""
@@ -87,7 +89,7 @@ class PrefixIndex:
         for j in range(len(chain) - 1, -1, -1):  # longest first
             length = (j + 1) * b
             blocks: dict[int, list[KVBlock]] = {}
-            for layer_id, layer in enumerate(spec.layers):
+            for layer_id in range(spec.num_layers):
                 lo, hi = spec.block_range(layer_id, length)
                 needed_from = spec.kind(layer_id).first_needed(length)
                 picked = [chain[i].get(layer_id) for i in range(lo, hi)]

@@ -11,6 +11,7 @@ which the engine fetches only at admission.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,31 @@ class Resume:
     kind: str
     keep: int
     shared: dict[int, list] | None = None  # for "shared": the blocks per layer
+
+
+def queue_own(
+    pool: Any, spiller: Any, agent_id: str, kept: list[int], hot: Any, file: Any, unwritten: Any
+) -> tuple[Queued, QueuedHistory]:
+    """Keep the agent's own cache for its queued request: its hot handle, or its file in memory if the
+    budget has room for it (else it is read back when the request is next in line). Store's lock held."""
+    queued = Queued(agent_id, handle=hot, file=file if hot is None else None, on_disk=hot is None and unwritten is None)
+    if unwritten is not None:
+        queued.charge = unwritten[1]
+    elif queued.file is not None:
+        queued.charge = object()
+        if not pool.charge(queued.charge, queued.file.nbytes):
+            queued.file, queued.charge = None, None
+    read_bytes = pool.spec.bytes_for_tokens(len(kept), pool.kv_bits, pool.kv_group_size)
+    source = QueuedHistory(
+        agent_id,
+        pool.spec,
+        kept,
+        queued,
+        read_bytes,
+        fetch=functools.partial(spiller.fetch, agent_id),
+        prefetch=functools.partial(spiller.prefetch, agent_id),
+    )
+    return queued, source
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -36,7 +36,9 @@ log = logging.getLogger("blockpool.memory")
 class Spiller:
     """The store's disk traffic. Methods named ``_locked`` expect the store's lock to be held."""
 
-    def __init__(self, tiers: Tiers, pool: Any, engine: Any, files: AgentFiles, lock: threading.RLock, deterministic: bool):
+    def __init__(
+        self, tiers: Tiers, pool: Any, engine: Any, files: AgentFiles, lock: threading.RLock, deterministic: bool
+    ):
         self.tiers, self.pool, self.engine, self.files = tiers, pool, engine, files
         self._lock, self.deterministic = lock, deterministic
         self._io: ThreadPoolExecutor | None = None
@@ -125,7 +127,9 @@ class Spiller:
 
     # ------------------------------------------------------------ writing
 
-    def write_behind_locked(self, agent_id: str, file: AgentFile, charge: object | None, generation: int | None, spill: bool) -> Future:
+    def write_behind_locked(
+        self, agent_id: str, file: AgentFile, charge: object | None, generation: int | None, spill: bool
+    ) -> Future:
         """Write ``file`` off the decode path; release its memory (``charge``) when done."""
         if spill:
             self.pool.begin_release(file.nbytes)
@@ -162,6 +166,13 @@ class Spiller:
         (self.spill_writes if spill else self.writes)[agent_id] = future
         return future
 
+    def write_turn_locked(self, agent_id: str, blocks: Any) -> Future:
+        """A durable store: write a finished turn behind; the copy's memory is charged until it is written."""
+        file = self.files.export(self.pool, blocks)
+        charge = object()
+        self.pool.charge(charge, file.nbytes, force=True)
+        return self.write_behind_locked(agent_id, file, charge, blocks.generation, spill=False)
+
     def wait_for_write(self, agent_id: str) -> None:
         """Wait for the agent's durable write, if one is in flight (a spill needs no wait: its copy is in memory)."""
         with self._lock:
@@ -187,6 +198,27 @@ class Spiller:
             except Exception:
                 pass  # recorded in errors
         return True
+
+    def flush(self) -> int:
+        """Write every idle hot agent whose file is not current, and retry failed writes, now (caller's thread)."""
+        if self.files.cache_dir is None:
+            return 0
+        self.wait()
+        tiers = self.tiers
+        with self._lock:
+            agents = [(a, b) for a, b in tiers.hot.items() if not tiers.is_durable(a, b)]
+            unwritten = list(tiers.unwritten.items())
+        for agent_id, blocks in agents:
+            self.files.save(agent_id, self.files.export(self.pool, blocks))
+            with self._lock:
+                if tiers.hot.get(agent_id) is blocks:
+                    tiers.durable[agent_id] = blocks.generation
+        for agent_id, (file, _) in unwritten:  # retry the writes that failed
+            self.files.save(agent_id, file)
+            with self._lock:
+                if tiers.unwritten.get(agent_id, (None,))[0] is file:
+                    tiers.drop_unwritten(agent_id)
+        return len(agents) + len(unwritten)
 
     # ------------------------------------------------------------ reading back
 

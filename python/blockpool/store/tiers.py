@@ -27,6 +27,26 @@ from blockpool.block import AgentBlocks
 from blockpool.persistence import AgentFile
 
 
+@dataclass(frozen=True)
+class AgentInfo:
+    """One agent the store knows.
+
+    Attributes:
+        agent_id: The agent.
+        where: ``"running"`` (a request in flight), ``"pool"`` (idle, in
+            blocks or in memory awaiting its write) or ``"disk"``.
+        tokens: Tokens of its history (for a running agent: so far).
+        bytes: Bytes its history takes where it is (pool blocks, or the file).
+        durable: Whether its latest history is on disk.
+    """
+
+    agent_id: str
+    where: str
+    tokens: int
+    bytes: int
+    durable: bool
+
+
 @dataclass(eq=False)
 class Queued:
     """A queued request's cache, kept by the store until the engine fetches it."""
@@ -74,6 +94,20 @@ class Tiers:
         busy = set(self.busy.values())
         return [a for a in self.hot if a not in busy]
 
+    def infos(self, request_tokens: Any) -> list[AgentInfo]:
+        """The agents in memory (running, hot, unwritten); ``request_tokens(uid)`` says how far a running one is."""
+        usage = self.pool.stats().agents
+        seen: dict[str, AgentInfo] = {}
+        for uid, agent_id in self.busy.items():
+            nbytes = usage[agent_id].bytes if agent_id in usage else 0
+            seen[agent_id] = AgentInfo(agent_id, "running", request_tokens(uid), nbytes, False)
+        for agent_id, blocks in self.hot.items():
+            nbytes = usage[agent_id].bytes if agent_id in usage else 0
+            seen[agent_id] = AgentInfo(agent_id, "pool", blocks.total_tokens, nbytes, self.is_durable(agent_id, blocks))
+        for agent_id, (file, _) in self.unwritten.items():
+            seen[agent_id] = AgentInfo(agent_id, "pool", len(file.token_ids), file.nbytes, False)
+        return list(seen.values())
+
     def keep_hot(self, agent_id: str, blocks: AgentBlocks) -> None:
         self.hot[agent_id] = blocks
         self.hot.move_to_end(agent_id)
@@ -89,6 +123,39 @@ class Tiers:
         unwritten = self.unwritten.pop(agent_id, None)
         if unwritten is not None:
             self.pool.charge(unwritten[1], 0)
+
+    def forget(self, agent_id: str) -> None:
+        """Drop every trace of an idle agent in memory (its file is the caller's to remove)."""
+        self.drop_hot(agent_id)
+        self.drop_unwritten(agent_id)
+        self.durable.pop(agent_id, None)
+        self.disk_ahead.discard(agent_id)
+
+    def complete(self, completion: Any) -> tuple[str | None, bool]:
+        """Record a request's end: its agent is no longer busy, and what it held goes back or becomes hot.
+
+        Returns:
+            Where the cache came from (``"cold"`` if what it resumed from
+            could not serve the prefix after all), and whether the agent's
+            blocks are now hot.
+        """
+        agent_id, uid = completion.agent_id, completion.uid
+        self.busy.pop(uid, None)
+        source = self.sources.pop(uid, None)
+        queued = self.queued.get(agent_id)
+        if queued is not None and queued.uid == uid:  # ended before admission: nothing was fetched
+            self.queued.pop(agent_id)
+            self.restore(queued)
+        fetched = self.fetched.pop(uid, None)
+        blocks = completion.blocks
+        kept = blocks is not None and blocks.total_tokens > 0
+        if kept:
+            if fetched is not None and fetched.charge is not None:
+                self.pool.charge(fetched.charge, 0)  # the file's copy lives in the blocks now
+            self.keep_hot(agent_id, blocks)
+        elif fetched is not None:
+            self.restore(fetched)  # the request ended before its history reached the blocks
+        return ("cold" if completion.cached_tokens == 0 else source), kept
 
     def restore(self, queued: Queued) -> None:
         """Give back a queued cache the engine did not keep."""

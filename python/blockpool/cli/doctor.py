@@ -57,11 +57,17 @@ def report() -> list[tuple[str, str]]:
     for device in devices:
         per_op = {op: ops.backend(device, op) for op in ops.OPS}
         summary = ops.backend(device)
-        detail = "" if len(set(per_op.values())) == 1 else " (" + ", ".join(f"{k}: {v}" for k, v in per_op.items()) + ")"
+        detail = (
+            "" if len(set(per_op.values())) == 1 else " (" + ", ".join(f"{k}: {v}" for k, v in per_op.items()) + ")"
+        )
         rows.append((f"block ops on {device}", summary + detail))
         checked = ops.verify(device)
         failed = {op: why for op, why in checked.items() if why != "ok"}
-        verdict = f"all {len(checked)} ops equal the reference" if not failed else "; ".join(f"{k}: {v}" for k, v in failed.items())
+        verdict = (
+            f"all {len(checked)} ops equal the reference"
+            if not failed
+            else "; ".join(f"{k}: {v}" for k, v in failed.items())
+        )
         rows.append((f"self-check on {device}", verdict))
     return rows
 

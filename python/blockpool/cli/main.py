@@ -17,10 +17,10 @@ from typing import Any
 
 #: Subcommand name -> the module that implements it, in ``--help`` order.
 COMMANDS: dict[str, str] = {
-    "demo": "blockpool.demo",
-    "inspect": "blockpool.inspection",
-    "bench": "blockpool.report",
-    "doctor": "blockpool.doctor",
+    "demo": "blockpool.cli.demo",
+    "inspect": "blockpool.cli.inspect",
+    "bench": "blockpool.cli.report",
+    "doctor": "blockpool.cli.doctor",
     "serve": "blockpool.server.command",
 }
 
@@ -82,7 +82,9 @@ def load_model(model_ref: str) -> tuple[Any, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full parser, every subcommand registered from its module."""
-    parser = _Parser(prog="blockpool", description="Block-pooled, persistent KV caches for multi-agent inference on MLX.")
+    parser = _Parser(
+        prog="blockpool", description="Block-pooled, persistent KV caches for multi-agent inference on MLX."
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)

@@ -44,15 +44,15 @@ from __future__ import annotations
 
 import os
 import threading
-import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from typing import Any, Literal
+from typing import Any
 
 import mlx.core as mx
 
 from blockpool import _ext, reference
 from blockpool.errors import InvalidRequestError
+from blockpool.ops.self_check import ENV_VAR, Backend, cases, flatten, self_check
 
 __all__ = [
     "OPS",
@@ -68,7 +68,6 @@ __all__ = [
     "verify",
 ]
 
-Backend = Literal["native", "reference"]
 StreamLike = mx.Stream | mx.Device | None
 BlockIdList = Sequence[int] | mx.array
 
@@ -86,7 +85,6 @@ OPS: tuple[str, ...] = (
 #: them. False on Linux, on CUDA builds, and where the Metal build failed.
 native_gpu_kernels: bool = bool(_ext.metal_kernels_built) and mx.metal.is_available()
 
-ENV_VAR = "BLOCKPOOL_OPS"
 _MODES = {"": "auto", "auto": "auto", "native": "native", "reference": "reference"}
 
 
@@ -150,7 +148,7 @@ def _backend_of(op: str, device: mx.Device) -> Backend:
         with _lock:
             found = _self_checked.get(key)
             if found is None:
-                found = _self_checked[key] = _self_check(op, device)
+                found = _self_checked[key] = self_check(op, device)
     return found
 
 
@@ -192,7 +190,9 @@ def _check_entries(op: str, name: str, entries: Sequence[Any]) -> None:
             )
 
 
-def _run(op: str, stream: StreamLike, native_args: tuple, native_kwargs: dict, reference_call: Callable[[], Any]) -> Any:
+def _run(
+    op: str, stream: StreamLike, native_args: tuple, native_kwargs: dict, reference_call: Callable[[], Any]
+) -> Any:
     fn = getattr(_ext, op)
     if _backend_of(op, _device_of(stream)) == "native":
         return _native(fn, *native_args, stream=stream, **native_kwargs)
@@ -227,9 +227,7 @@ def gather_blocks(
         InvalidRequestError: Ids out of range, a pool not of rank 4, or
             list lengths that differ.
     """
-    return _run(
-        "gather_blocks", stream, (pools, block_ids), {}, lambda: reference.gather_blocks(pools, block_ids)
-    )
+    return _run("gather_blocks", stream, (pools, block_ids), {}, lambda: reference.gather_blocks(pools, block_ids))
 
 
 def scatter_blocks(
@@ -429,43 +427,6 @@ def split_blocks(
 # ------------------------------------------------------------------ self-check
 
 
-def _self_check_cases(op: str) -> tuple[tuple, dict, Callable[[], Any]]:
-    """A tiny call of ``op`` (native args, kwargs) and its reference result."""
-    key = mx.random.key(7)
-    pool = mx.random.normal((5, 2, 4, 16), key=key).astype(mx.float16)
-    source = mx.swapaxes(mx.random.normal((1, 6, 2, 16), key=key).astype(mx.float16), 1, 2)  # strided
-    blocks = [pool[i] for i in range(5)]
-    if op == "gather_blocks":
-        args = ([pool, pool], [[3, 0, 4], [1]])
-        return args, {}, lambda: reference.gather_blocks(*args)
-    if op == "scatter_blocks":
-        args = ([pool], [[2, 4]], [source], [1])
-        return args, {}, lambda: reference.scatter_blocks(*args)
-    if op == "concat_blocks":
-        args = ([blocks[3:], blocks[:2] + blocks[:1]],)
-        return args, {}, lambda: reference.concat_blocks(*args)
-    if op == "split_blocks":
-        args = ([source, source[:, :, :0]], [3, 2], [blocks[1], None])
-        return args, {"block_tokens": 4}, lambda: reference.split_blocks(*args, block_tokens=4)
-    x = mx.random.normal((5, 2, 4, 64), key=key)
-    q, s, b = mx.quantize(x, group_size=32, bits=4)  # float32 scales
-    q16, s16, b16 = mx.quantize(x.astype(mx.float16), group_size=32, bits=4)  # float16 scales
-    if op == "gather_dequantize_blocks":
-        args = ([q, q16], [s, s16], [b, b16], [[4, 1], [0]])
-        kwargs = {"group_size": 32, "bits": 4}
-        return args, kwargs, lambda: reference.gather_dequantize_blocks(*args, 32, 4)
-    # concat_dequantize_blocks
-    args = ([[q[4], q[1]], [q16[0]]], [[s[4], s[1]], [s16[0]]], [[b[4], b[1]], [b16[0]]])
-    kwargs = {"group_size": 32, "bits": 4}
-    return args, kwargs, lambda: reference.concat_dequantize_blocks(*args, 32, 4)
-
-
-def _flatten(result: Any) -> list[mx.array]:
-    if isinstance(result, mx.array):
-        return [result]
-    return [a for item in result for a in _flatten(item)]
-
-
 def verify(device: mx.Device | mx.DeviceType | None = None) -> dict[str, str]:
     """Run every op as callers get it (through :func:`backend`'s choice) on a small case and
     compare it with the pure-MLX reference, bit for bit.
@@ -478,9 +439,9 @@ def verify(device: mx.Device | mx.DeviceType | None = None) -> dict[str, str]:
     for op in OPS:
         try:
             with mx.stream(dev):
-                args, kwargs, expected = _self_check_cases(op)
-                got = _flatten(globals()[op](*args, stream=dev, **kwargs))
-                want = _flatten(expected())
+                args, kwargs, expected = cases(op)
+                got = flatten(globals()[op](*args, stream=dev, **kwargs))
+                want = flatten(expected())
                 mx.eval(got, want)
             same = len(got) == len(want) and all(
                 g.shape == w.shape and g.dtype == w.dtype and mx.array_equal(g, w).item() for g, w in zip(got, want)
@@ -489,29 +450,3 @@ def verify(device: mx.Device | mx.DeviceType | None = None) -> dict[str, str]:
         except Exception as e:  # a report, not a crash: say what failed
             results[op] = f"{type(e).__name__}: {e}"
     return results
-
-
-def _self_check(op: str, device: mx.Device) -> Backend:
-    """Run ``op`` natively on ``device`` against the reference; warn and fall back on failure."""
-    try:
-        with mx.stream(device):
-            args, kwargs, expected = _self_check_cases(op)
-            got = _flatten(getattr(_ext, op)(*args, stream=device, **kwargs))
-            want = _flatten(expected())
-            mx.eval(got, want)
-        same = len(got) == len(want) and all(
-            g.shape == w.shape and g.dtype == w.dtype and mx.array_equal(g, w).item() for g, w in zip(got, want)
-        )
-        reason = "" if same else "its result differs from the reference"
-    except Exception as e:  # any failure of the kernel means: do not use it
-        same, reason = False, f"{type(e).__name__}: {e}"
-    if same:
-        return "native"
-    warnings.warn(
-        f"blockpool: the native {op} failed its self-check on {device} ({reason}); "
-        f"using the pure-MLX reference for {op} on this device from now on. "
-        f"Results stay correct; set {ENV_VAR}=reference to silence this.",
-        RuntimeWarning,
-        stacklevel=4,
-    )
-    return "reference"

@@ -35,21 +35,21 @@ SYSTEM = (
     "Reply with Python code. The module you work on today:\n\n"
     "import os\nimport re\n\n_HEADER = re.compile(r'^([A-Za-z-]+):\\s*(.*)$')\n\n\n"
     "class Message:\n"
-    "    \"\"\"A parsed message: headers and a body.\"\"\"\n\n"
+    '    """A parsed message: headers and a body."""\n\n'
     "    def __init__(self, headers=None, body=''):\n"
     "        self.headers = dict(headers or {})\n"
     "        self.body = body\n\n"
     "    def get(self, name, default=None):\n"
-    "        \"\"\"Return the value of header *name*, or *default*.\"\"\"\n"
+    '        """Return the value of header *name*, or *default*."""\n'
     "        return self.headers.get(name.lower(), default)\n\n\n"
     "class MessageError(ValueError):\n"
-    "    \"\"\"Raised when a message cannot be parsed.\"\"\"\n\n\n"
+    '    """Raised when a message cannot be parsed."""\n\n\n'
     "def read_message(path):\n"
-    "    \"\"\"Read the message stored in the file at *path*.\"\"\"\n"
+    '    """Read the message stored in the file at *path*."""\n'
     "    with open(path, encoding='utf-8') as f:\n"
     "        return parse_message(f.read())\n\n\n"
     "def header_names(message):\n"
-    "    \"\"\"Return the sorted list of the header names of *message*.\"\"\"\n"
+    '    """Return the sorted list of the header names of *message*."""\n'
     "    names = []\n"
     "    for name in message.headers:\n"
     "        if name not in names:\n"
@@ -125,8 +125,14 @@ def run_demo(
     names = agent_names(agents)
     conversations = {name: [{"role": "system", "content": SYSTEM}] for name in names}
     records: list[TurnRecord] = []
-    echo(f"pool: {pool.total_blocks} blocks of {spec.block_tokens} tokens ({pool.total_bytes / 2**20:.1f} MiB), agents on disk in {cache_dir}")
-    echo(f"{'turn':>4} {'agent':<10} {'context':>7} {'cache':<7} {'reused':>6} {'TTFT ms':>8} {'cold ms':>8} {'tok/s':>7} {'pool':>9}")
+    echo(
+        f"pool: {pool.total_blocks} blocks of {spec.block_tokens} tokens "
+        f"({pool.total_bytes / 2**20:.1f} MiB), agents on disk in {cache_dir}"
+    )
+    echo(
+        f"{'turn':>4} {'agent':<10} {'context':>7} {'cache':<7} {'reused':>6} "
+        f"{'TTFT ms':>8} {'cold ms':>8} {'tok/s':>7} {'pool':>9}"
+    )
     task = 0
     for turn in range(turns):
         for name in names:
@@ -165,7 +171,8 @@ def run_demo(
             cold = f"{cold_ms:8.1f}" if cold_ms is not None else f"{'-':>8}"
             echo(
                 f"{record.turn:>4} {name:<10} {record.context_tokens:>7} {record.cache:<7} {record.reused_tokens:>6} "
-                f"{record.ttft_ms:8.1f} {cold} {record.tokens_per_s:7.0f} {record.pool_used_blocks:>4}/{record.pool_total_blocks:<4}"
+                f"{record.ttft_ms:8.1f} {cold} {record.tokens_per_s:7.0f} "
+                f"{record.pool_used_blocks:>4}/{record.pool_total_blocks:<4}"
             )
             if show_text:
                 echo(f"       task: {conversations[name][-2]['content']}")
@@ -187,7 +194,10 @@ def run_demo(
 
 def summarize(records: list[TurnRecord]) -> str:
     """A markdown table: turns, context and time to first token per cache source."""
-    rows = ["| cache | turns | median context | median TTFT ms | median cold TTFT ms | speedup |", "|---|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| cache | turns | median context | median TTFT ms | median cold TTFT ms | speedup |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for source in ("pool", "disk", "shared", "cold"):
         picked = [r for r in records if r.cache == source]
         if not picked:
@@ -214,10 +224,21 @@ def plot_ttft(records: list[TurnRecord], path: Path) -> None:
     for source, marker in styles.items():
         picked = [r for r in records if r.cache == source]
         if picked:
-            ax.scatter([r.context_tokens for r in picked], [r.ttft_ms for r in picked], marker=marker, label=f"blockpool: {source}")
+            ax.scatter(
+                [r.context_tokens for r in picked],
+                [r.ttft_ms for r in picked],
+                marker=marker,
+                label=f"blockpool: {source}",
+            )
     colds = [r for r in records if r.cold_ttft_ms is not None]
     if colds:
-        ax.scatter([r.context_tokens for r in colds], [r.cold_ttft_ms for r in colds], marker="+", color="black", label="cold prefill (mlx-lm, no cache)")
+        ax.scatter(
+            [r.context_tokens for r in colds],
+            [r.cold_ttft_ms for r in colds],
+            marker="+",
+            color="black",
+            label="cold prefill (mlx-lm, no cache)",
+        )
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("time to first token (ms)")
     ax.set_yscale("log")
@@ -234,13 +255,25 @@ def plot_ttft(records: list[TurnRecord], path: Path) -> None:
 
 def add_arguments(parser: Any) -> None:
     """The ``blockpool demo`` flags."""
-    parser.add_argument("--model", help="a path or Hugging Face repo mlx_lm.load takes (default: the shipped model, trained on Python's stdlib)")
+    parser.add_argument(
+        "--model",
+        help="a path or Hugging Face repo mlx_lm.load takes (default: the shipped model, trained on Python's stdlib)",
+    )
     parser.add_argument("--agents", "-n", type=positive_int, default=3, help="number of agents (default 3)")
     parser.add_argument("--turns", "-t", type=positive_int, default=3, help="turns per agent (default 3)")
     parser.add_argument("--max-tokens", type=positive_int, default=48, help="tokens generated per turn (default 48)")
-    parser.add_argument("--budget-mb", type=positive_int, help="pool size in MiB (default: one running agent and half an idle one, so the rest wait on disk)")
+    parser.add_argument(
+        "--budget-mb",
+        type=positive_int,
+        help="pool size in MiB (default: one running agent and half an idle one, so the rest wait on disk)",
+    )
     parser.add_argument("--cache-dir", type=Path, help="where agents persist (default: the user cache directory)")
-    parser.add_argument("--out", type=Path, default=Path("blockpool-demo"), help="where the table and plot go (default ./blockpool-demo)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("blockpool-demo"),
+        help="where the table and plot go (default ./blockpool-demo)",
+    )
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-prefill comparison")
     parser.add_argument("--no-text", action="store_true", help="do not print what the agents write")
 
@@ -254,7 +287,9 @@ def run(args: Any) -> int:
     model, tokenizer = _load(args.model)
     from tqdm import tqdm
 
-    with tqdm(total=args.agents * args.turns, desc="turns", unit="turn", leave=False, file=sys.stderr, disable=None) as bar:
+    with tqdm(
+        total=args.agents * args.turns, desc="turns", unit="turn", leave=False, file=sys.stderr, disable=None
+    ) as bar:
         run_demo(
             model,
             tokenizer,

@@ -37,7 +37,7 @@ def add_arguments(parser: Any) -> None:
 
 
 def run(args: Any) -> int:
-    """Print one line per file (agent, tokens, bytes, bits per stored value, format, fingerprint, status) and a summary."""
+    """Print one line per file (agent, tokens, bytes, bits per value, format, fingerprint, status) and a summary."""
     if not args.cache_dir.is_dir():
         raise UsageError(f"cache directory {args.cache_dir} not found")
     from blockpool.persistence import PersistenceError, describe_cache_dir
@@ -55,10 +55,17 @@ def run(args: Any) -> int:
         tokens = r.tokens if r.tokens is not None else "-"
         bits = r.bits or "-"
         name = r.name.encode("unicode_escape").decode()[:48]
-        print(f"{name:<48} {agent:<20} {tokens:>7} {r.size_bytes:>10} {bits:>4} {r.format_version or '-':>3} "
-              f"{(r.fingerprint or '-')[:16]:<16} {r.status}")
-    counts = {kind: sum(r.kind == kind for r in reports) for kind in ("ok", "corrupt", "incompatible", "partial", "quarantined", "other")}
+        print(
+            f"{name:<48} {agent:<20} {tokens:>7} {r.size_bytes:>10} {bits:>4} {r.format_version or '-':>3} "
+            f"{(r.fingerprint or '-')[:16]:<16} {r.status}"
+        )
+    counts = {
+        kind: sum(r.kind == kind for r in reports)
+        for kind in ("ok", "corrupt", "incompatible", "partial", "quarantined", "other")
+    }
     agents = counts["ok"] + counts["corrupt"] + counts["incompatible"]
-    print(f"{agents} agent files: {counts['ok']} ok, {counts['corrupt']} corrupt, {counts['incompatible']} incompatible; "
-          f"ignored: {counts['partial']} partial writes, {counts['quarantined']} set aside, {counts['other']} other files")
+    print(
+        f"{agents} agent files: {counts['ok']} ok, {counts['corrupt']} corrupt, {counts['incompatible']} incompatible; "
+        f"ignored: {counts['partial']} partial writes, {counts['quarantined']} set aside, {counts['other']} other files"
+    )
     return EXIT_BAD if counts["corrupt"] or counts["incompatible"] else EXIT_OK

@@ -32,7 +32,10 @@ def timing_table(results: dict[str, Any]) -> str:
         tps = f"{info['tokens_per_s']:.0f}" if "tokens_per_s" in info else "-"
         p95 = f"{info['p95_ms']:.2f}" if "p95_ms" in info else "-"
         p99 = f"{info['p99_ms']:.2f}" if "p99_ms" in info else "-"
-        rows.append(f"| {b['group']} | {_method(b)} | {stats['median'] * 1e3:.2f} | {p95} | {p99} | {gbps} | {tps} | {stats['rounds']} |")
+        rows.append(
+            f"| {b['group']} | {_method(b)} | {stats['median'] * 1e3:.2f} "
+            f"| {p95} | {p99} | {gbps} | {tps} | {stats['rounds']} |"
+        )
     return "\n".join(rows)
 
 
@@ -54,7 +57,10 @@ def projection_table(results: dict[str, Any]) -> str:
 
 def paired_table(results: dict[str, Any]) -> str:
     """Benchmarks that alternate our path and mlx-lm's in one run: both medians and the ratio."""
-    rows = ["| group | ours | median ms | p95 ms | theirs | median ms | p95 ms | ours / theirs |", "|---|---|---:|---:|---|---:|---:|---:|"]
+    rows = [
+        "| group | ours | median ms | p95 ms | theirs | median ms | p95 ms | ours / theirs |",
+        "|---|---|---:|---:|---|---:|---:|---:|",
+    ]
     for b in results["benchmarks"]:
         info = b["extra_info"]
         if "ratio" not in info:
@@ -155,23 +161,37 @@ def plot_results(results: dict[str, Any], out_dir: Path) -> list[Path]:
 
 def add_arguments(parser: Any) -> None:
     """The ``blockpool bench`` flags."""
-    parser.add_argument("--bench-dir", type=Path, default=Path("bench"), help="the benchmark directory of a clone (default ./bench)")
-    parser.add_argument("--results", type=Path, default=Path("bench/results"), help="results folder (default bench/results)")
+    parser.add_argument(
+        "--bench-dir", type=Path, default=Path("bench"), help="the benchmark directory of a clone (default ./bench)"
+    )
+    parser.add_argument(
+        "--results", type=Path, default=Path("bench/results"), help="results folder (default bench/results)"
+    )
     parser.add_argument("-k", dest="select", help="only benchmarks matching this pytest -k expression")
 
 
 def run(args: Any) -> int:
     """``blockpool bench``: run pytest-benchmark over ``--bench-dir``, then write the report."""
     if not args.bench_dir.is_dir():
-        raise UsageError(f"benchmark directory {args.bench_dir} not found: run from a clone of mlx-blockpool, or pass --bench-dir")
+        raise UsageError(
+            f"benchmark directory {args.bench_dir} not found: run from a clone of mlx-blockpool, or pass --bench-dir"
+        )
     try:
         import pytest_benchmark  # noqa: F401
     except ImportError:
         raise UsageError("the benchmarks need the test extras: pip install 'mlx-blockpool[test]'") from None
     results = writable_dir(args.results, "results folder")
     json_path = results / "results.json"
-    command = [sys.executable, "-m", "pytest", str(args.bench_dir), "-q", "--benchmark-only", f"--benchmark-json={json_path}",
-               "--benchmark-columns=median,iqr,rounds"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(args.bench_dir),
+        "-q",
+        "--benchmark-only",
+        f"--benchmark-json={json_path}",
+        "--benchmark-columns=median,iqr,rounds",
+    ]
     if args.select:
         command += ["-k", args.select]
     status = subprocess.call(command)

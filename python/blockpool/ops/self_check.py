@@ -1,0 +1,82 @@
+"""The block ops' self-check: each op on a tiny case, compared with the pure-MLX reference, bit for bit.
+
+:func:`self_check` is what :mod:`blockpool.ops` runs the first time an op
+is used on a GPU device (native kernels that fail it are not used there);
+``blockpool.ops.verify`` runs every op as callers get it, for ``blockpool doctor``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal
+
+import mlx.core as mx
+
+from blockpool import _ext, reference
+
+Backend = Literal["native", "reference"]
+ENV_VAR = "BLOCKPOOL_OPS"
+
+
+def cases(op: str) -> tuple[tuple, dict, Callable[[], Any]]:
+    """A tiny call of ``op`` (native args, kwargs) and its reference result."""
+    key = mx.random.key(7)
+    pool = mx.random.normal((5, 2, 4, 16), key=key).astype(mx.float16)
+    source = mx.swapaxes(mx.random.normal((1, 6, 2, 16), key=key).astype(mx.float16), 1, 2)  # strided
+    blocks = [pool[i] for i in range(5)]
+    if op == "gather_blocks":
+        args = ([pool, pool], [[3, 0, 4], [1]])
+        return args, {}, lambda: reference.gather_blocks(*args)
+    if op == "scatter_blocks":
+        args = ([pool], [[2, 4]], [source], [1])
+        return args, {}, lambda: reference.scatter_blocks(*args)
+    if op == "concat_blocks":
+        args = ([blocks[3:], blocks[:2] + blocks[:1]],)
+        return args, {}, lambda: reference.concat_blocks(*args)
+    if op == "split_blocks":
+        args = ([source, source[:, :, :0]], [3, 2], [blocks[1], None])
+        return args, {"block_tokens": 4}, lambda: reference.split_blocks(*args, block_tokens=4)
+    x = mx.random.normal((5, 2, 4, 64), key=key)
+    q, s, b = mx.quantize(x, group_size=32, bits=4)  # float32 scales
+    q16, s16, b16 = mx.quantize(x.astype(mx.float16), group_size=32, bits=4)  # float16 scales
+    if op == "gather_dequantize_blocks":
+        args = ([q, q16], [s, s16], [b, b16], [[4, 1], [0]])
+        kwargs = {"group_size": 32, "bits": 4}
+        return args, kwargs, lambda: reference.gather_dequantize_blocks(*args, 32, 4)
+    # concat_dequantize_blocks
+    args = ([[q[4], q[1]], [q16[0]]], [[s[4], s[1]], [s16[0]]], [[b[4], b[1]], [b16[0]]])
+    kwargs = {"group_size": 32, "bits": 4}
+    return args, kwargs, lambda: reference.concat_dequantize_blocks(*args, 32, 4)
+
+
+def flatten(result: Any) -> list[mx.array]:
+    if isinstance(result, mx.array):
+        return [result]
+    return [a for item in result for a in flatten(item)]
+
+
+def self_check(op: str, device: mx.Device) -> Backend:
+    """Run ``op`` natively on ``device`` against the reference; warn and fall back on failure."""
+    try:
+        with mx.stream(device):
+            args, kwargs, expected = cases(op)
+            got = flatten(getattr(_ext, op)(*args, stream=device, **kwargs))
+            want = flatten(expected())
+            mx.eval(got, want)
+        same = len(got) == len(want) and all(
+            g.shape == w.shape and g.dtype == w.dtype and mx.array_equal(g, w).item() for g, w in zip(got, want)
+        )
+        reason = "" if same else "its result differs from the reference"
+    except Exception as e:  # any failure of the kernel means: do not use it
+        same, reason = False, f"{type(e).__name__}: {e}"
+    if same:
+        return "native"
+    warnings.warn(
+        f"blockpool: the native {op} failed its self-check on {device} ({reason}); "
+        f"using the pure-MLX reference for {op} on this device from now on. "
+        f"Results stay correct; set {ENV_VAR}=reference to silence this.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return "reference"
