@@ -107,6 +107,10 @@ CONFIGS: dict[str, dict] = {
 }
 
 
+# The demo's random llama (4 layers, hidden 128, 2 KV heads of 32): the size the tight-budget defects were found at.
+CONFIGS["llama_4layer"] = demo_model.RANDOM_LLAMA_CONFIG
+
+
 def build_model(arch: str, dtype: mx.Dtype = mx.float32, seed: int = 0):
     """A model of architecture ``arch`` with scaled random weights, in memory."""
     return demo_model.build_model(CONFIGS[arch], dtype, seed)

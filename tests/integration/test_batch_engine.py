@@ -6,9 +6,11 @@ only completion. The fixtures, which the seed left as ``pytest.skip``, now
 build a real model: a tiny llama written to disk and loaded with
 ``mlx_lm.load`` (the seed's SmolLM2-135M cannot be downloaded here).
 
-Since requests wait for room instead of failing (issue 11), a pool is
-exhausted for a submit only when the wait queue is full too: the engine
-fixture bounds it with ``max_waiting``, so test 5 runs as written.
+Since requests wait for room instead of failing, a pool is exhausted for a
+submit only when the wait queue is full too. The queue's default bound
+comes from the pool (twice the requests it could hold at once at one block
+per layer each: 100 here over 2 layers), so test 5 runs as written against
+a default-constructed engine.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def pool(spec):
 @pytest.fixture
 def engine(model_and_tokenizer, pool):
     model, tokenizer = model_and_tokenizer
-    return BlockPoolBatchEngine(model, tokenizer, pool, max_waiting=64)
+    return BlockPoolBatchEngine(model, tokenizer, pool)
 
 
 class TestBatchEngine:

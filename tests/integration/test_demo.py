@@ -39,6 +39,10 @@ def test_demo_runs_and_writes_its_table_and_plot(tmp_path):
     assert (out / "summary.md").read_text().startswith("| cache |")
     assert (out / "ttft.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list((tmp_path / "agents").glob("*.safetensors"))  # caches persist
+    # Both timed paths ran once before the table, on a prompt that shares nothing with the agents,
+    # so the first cold row carries no one-time costs; the warm-up agent leaves no file behind.
+    assert "warm-up:" in result.stdout and records[0]["cache"] == "cold" and records[0]["reused_tokens"] == 0
+    assert len(list((tmp_path / "agents").glob("*.safetensors"))) == 2
 
     again = run_cli(
         "demo",

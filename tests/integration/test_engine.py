@@ -41,6 +41,28 @@ def finish(engine):
     return {c.uid: c for c in engine.step()}
 
 
+# ------------------------------------------------------------------ the wait queue's bound
+
+
+def test_the_wait_queue_is_bounded_by_default_from_the_pool(llama):
+    """Twice the requests the pool could hold at once at one block per layer each; None lifts it."""
+    model, tokenizer, pool, engine = llama
+    bound = 2 * (pool.total_blocks // pool.spec.num_layers)
+    assert engine.max_waiting == bound == 40
+    uids = [engine.submit(f"q{i}", tokens(4, i), max_tokens=2) for i in range(bound)]
+    before = pool.stats()
+    with pytest.raises(PoolExhaustedError, match="max_waiting=40"):
+        engine.submit("one-too-many", tokens(4, 99), max_tokens=2)
+    assert pool.stats() == before and engine.waiting == bound  # refused: nothing changed
+    assert set(finish(engine)) == set(uids)
+    unbounded = BlockPoolBatchEngine(model, tokenizer, pool, max_waiting=None)
+    more = [unbounded.submit(f"u{i}", tokens(4, i), max_tokens=1) for i in range(bound + 5)]
+    assert set(finish(unbounded)) == set(more)
+    assert pool.stats().used_blocks == pool.total_blocks - pool.available_blocks()
+    with pytest.raises(InvalidRequestError, match="max_waiting"):
+        BlockPoolBatchEngine(model, tokenizer, pool, max_waiting=-1)
+
+
 # ------------------------------------------------------------------ validation
 
 

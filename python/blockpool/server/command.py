@@ -328,8 +328,14 @@ def _build_store(
     try:
         spec = ModelCacheSpec.from_model(model)
         pool = BlockPool(spec, memory_bytes=memory_mb << 20, kv_bits=args.kv_bits)
+        # The server bounds its own queue (--queue-limit, a 429 past it), so the engine's is unbounded.
         engine = BlockPoolBatchEngine(
-            model, tokenizer, pool, completion_batch_size=args.max_concurrency, prefill_step_size=args.prefill_step_size
+            model,
+            tokenizer,
+            pool,
+            completion_batch_size=args.max_concurrency,
+            prefill_step_size=args.prefill_step_size,
+            max_waiting=None,
         )
     except BlockPoolError as e:
         raise UsageError(str(e)) from None
