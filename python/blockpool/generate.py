@@ -13,10 +13,15 @@ the model (see :func:`default_memory`).
 Beyond mlx-lm: ``stop`` (a string or a list of strings) ends generation
 before the first stop string, in all three functions.
 
-These are synchronous conveniences: while one runs it drives the store's
-batch, so do not run one concurrently with other users of the same store.
-Leaving a ``stream_generate`` loop early cancels its request; the agent
-keeps the cache it had before the call.
+Threads: like mlx-lm's, these functions may be called from several
+threads at once, and their requests join one batch
+(:mod:`blockpool.shared_drive`): each call waits on its own tokens while
+one of them runs the model. A call for an agent another thread's call is
+using waits for it to end; calls with the default agent (or a batch's
+default ``batch-i`` agents) run as a stand-in agent meanwhile, dropped when
+the call ends. Do not drive the same store yourself (``step``, ``stream``,
+``tick``) while drop-in calls run on it. Leaving a ``stream_generate`` loop
+early cancels its request; the agent keeps the cache it had before the call.
 
 Not supported, and refused with ``InvalidRequestError``: speculative
 decoding (``draft_model``), mlx-lm's own ``prompt_cache`` / ``prompt_caches``
@@ -30,9 +35,11 @@ engine has its own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +54,7 @@ from blockpool.engine import BlockPoolBatchEngine
 from blockpool.errors import InvalidRequestError
 from blockpool.pool import BlockPool
 from blockpool.prompt import to_token_ids, vocab_size_of
+from blockpool.shared_drive import SharedDrive, shared_drive
 from blockpool.spec import ModelCacheSpec
 from blockpool.store import AgentMemory
 
@@ -151,14 +159,15 @@ def stream_generate(
     _check_max_tokens(max_tokens)
     tokens = to_token_ids(tokenizer, prompt, vocab_size=vocab_size_of(model))
     memory = _memory_for(model, tokenizer, memory)
+    drive = shared_drive(memory)
     tic = time.perf_counter()
-    uid = memory.submit(agent_id, tokens, max_tokens=max_tokens, **options)
+    requested = agent_id
+    instead = _stand_in(agent_id) if agent_id == DEFAULT_AGENT else None
+    uid, agent_id = drive.submit(agent_id, tokens, instead=instead, max_tokens=max_tokens, **options)
     finished = False
     try:
         n, prompt_tps, first_token_at = 0, 0.0, tic
-        for event in memory.stream():
-            if event.uid != uid:
-                continue
+        for event in drive.events([uid]):
             done = event.completion
             if done is not None and done.finish_reason in ("error", "cancelled"):
                 finished = True
@@ -189,7 +198,9 @@ def stream_generate(
                 return
     finally:
         if not finished:  # the caller left early, or the engine raised: end the request
-            _abandon(memory, uid)
+            _abandon(drive, uid)
+        if agent_id != requested:
+            _forget_stand_in(memory, agent_id)
 
 
 def generate(
@@ -272,6 +283,7 @@ def batch_generate(
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
         raise InvalidRequestError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
     token_lists = [to_token_ids(tokenizer, p, vocab_size=vocab_size_of(model)) for p in prompts]
+    given_ids = agent_ids
     agent_ids = list(agent_ids) if agent_ids is not None else [f"batch-{i}" for i in range(len(prompts))]
     if len(agent_ids) != len(prompts) or len(set(agent_ids)) != len(agent_ids):
         raise InvalidRequestError("agent_ids must name each prompt once")
@@ -285,33 +297,48 @@ def batch_generate(
         _check_max_tokens(limit)
     memory = _memory_for(model, tokenizer, memory)
 
+    drive = shared_drive(memory)
     uids: dict[int, str] = {}
+    stand_ins = []
     try:
         for tokens, agent, limit in zip(token_lists, agent_ids, limits):
-            uids[memory.submit(agent, tokens, max_tokens=limit, **options)] = agent
-    except BaseException:
-        for uid in uids:  # all or nothing: take back what was submitted
-            _abandon(memory, uid)
-        raise
+            instead = _stand_in(agent) if given_ids is None else None  # default ids: batch-i
+            uid, used = drive.submit(agent, tokens, instead=instead, max_tokens=limit, **options)
+            uids[uid] = used
+            if used != agent:
+                stand_ins.append(used)
+        return _batch_response(
+            memory, drive, uids, tokenizer, options, verbose, return_prompt_caches, return_token_ids, return_logprobs
+        )
+    finally:
+        for uid in uids:  # all or nothing: a request left unfinished (a failed submit, an interrupt) is taken back
+            _abandon(drive, uid)
+        for agent in stand_ins:
+            _forget_stand_in(memory, agent)
+
+
+def _batch_response(
+    memory: AgentMemory,
+    drive: SharedDrive,
+    uids: dict[int, str],
+    tokenizer: Any,
+    options: dict[str, Any],
+    verbose: bool,
+    return_prompt_caches: bool,
+    return_token_ids: bool,
+    return_logprobs: bool,
+) -> BatchResponse:
+    """Run a batch's requests to their ends and build mlx-lm's response."""
     done = {}
     logprobs: dict[int, list[float]] = {uid: [] for uid in uids}
     with memory.engine.stats() as stats:
-        try:
-            for event in memory.stream() if uids else ():
-                if event.uid not in uids:
-                    continue
-                if return_logprobs and event.token is not None and event.logprobs is not None:
-                    logprobs[event.uid].append(event.logprobs[event.token].item())
-                if event.completion is not None:
-                    done[event.uid] = event.completion
-                    if verbose:
-                        print(f"[batch_generate] Finished processing {len(done)}/{len(uids)} ...", end="\r")
-                    if len(done) == len(uids):
-                        break
-        finally:
-            for uid in uids:
-                if uid not in done:
-                    _abandon(memory, uid)
+        for event in drive.events(list(uids)):
+            if return_logprobs and event.token is not None and event.logprobs is not None:
+                logprobs[event.uid].append(event.logprobs[event.token].item())
+            if event.completion is not None:
+                done[event.uid] = event.completion
+                if verbose:
+                    print(f"[batch_generate] Finished processing {len(done)}/{len(uids)} ...", end="\r")
     if verbose:
         print(f"[batch_generate] Finished processing {len(done)}/{len(uids)}")
     order = list(uids)
@@ -392,16 +419,25 @@ def _check_max_tokens(max_tokens: Any) -> None:
         raise InvalidRequestError(f"Maximum number of tokens must be at least 1, got {max_tokens}")
 
 
-def _abandon(memory: AgentMemory, uid: int) -> None:
+def _abandon(drive: SharedDrive, uid: int) -> None:
     """Cancel a request and run the store until it has ended (its cache is kept as before)."""
     try:
-        if not memory.cancel(uid):
-            return
-        for event in memory.stream():
-            if event.uid == uid and event.completion is not None:
-                return
+        drive.memory.cancel(uid)
+        for _ in drive.events([uid]):
+            pass
     except Exception:  # already leaving on an error: that error is the one to report
         pass
+
+
+def _stand_in(agent_id: str) -> str:
+    """For a default agent busy with another thread's call: a fresh agent to run as meanwhile."""
+    return f"{agent_id}~{uuid.uuid4().hex[:12]}"
+
+
+def _forget_stand_in(memory: AgentMemory, agent_id: str) -> None:
+    """A stand-in agent lives for one call (its blocks stay findable for their prefix until needed)."""
+    with contextlib.suppress(InvalidRequestError):
+        memory.forget(agent_id)
 
 
 def _budget_from_env() -> int:

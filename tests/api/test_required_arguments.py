@@ -253,6 +253,16 @@ def _(w):
     w.pool.release(done.blocks)
 
 
+@row("BlockPoolBatchEngine.settle")
+def _(w):
+    w.engine.submit("a", [5, 6, 7], max_tokens=3)
+    assert len(w.engine.tick()) == 0  # admitted and prefilling
+    w.engine.settle()  # another thread could drive from here on
+    done = list(w.engine.step())
+    assert [c.finish_reason for c in done] in (["length"], ["stop"])
+    w.pool.release(done[0].blocks)
+
+
 @row("BlockPoolBatchEngine.close")
 def _(w):
     w.engine.submit("a", [5, 6, 7], max_tokens=50)

@@ -12,6 +12,7 @@ import gc
 import inspect
 import io
 import sys
+import threading
 import weakref
 
 import mlx.core as mx
@@ -415,3 +416,73 @@ def test_verbose_prints_as_mlx_lm_does(load_tiny, memory):
     ours_lines, theirs_lines = ours.getvalue().splitlines(), theirs.getvalue().splitlines()
     assert ours_lines[:3] == theirs_lines[:3] == ["=" * 10, text, "=" * 10]
     assert [line.split(":")[0] for line in ours_lines[3:]] == [line.split(":")[0] for line in theirs_lines[3:]]
+
+
+# ------------------------------------------------------------------ threads
+
+
+def _in_threads(calls):
+    """Run the calls at once, one thread each (released together); their results, or the first error."""
+    barrier = threading.Barrier(len(calls))
+    results, errors = [None] * len(calls), []
+
+    def run(i, call):
+        barrier.wait()
+        try:
+            results[i] = call()
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i, call)) for i, call in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    return results
+
+
+def test_threads_calling_generate_with_the_defaults_each_get_mlx_lms_output_in_one_batch(load_tiny):
+    """As with ``mlx_lm.generate``, concurrent calls all succeed; here they also decode together."""
+    model, tokenizer = load_tiny("llama")
+    counted = tiny_models.FailingModel(model)  # never armed: it counts forward passes
+    memory = AgentMemory(
+        BlockPoolBatchEngine(counted, tokenizer, BlockPool(ModelCacheSpec.from_model(model), num_blocks=64))
+    )
+    prompts = [f"{PROMPT} {word}" for word in ("slowly", "again", "twice", "well")]
+    expected = [mlx_lm.generate(model, tokenizer, p, max_tokens=12) for p in prompts]
+    counted.calls = 0
+    got = _in_threads(
+        [lambda p=p: blockpool.generate(counted, tokenizer, p, max_tokens=12, memory=memory) for p in prompts]
+    )
+    assert got == expected
+    alone = len(prompts) * (1 + 12)  # a prefill and 12 decode steps each, one after the other
+    assert counted.calls < alone, counted.calls  # they shared forward passes: one batch
+    assert [a.agent_id for a in memory.agents()] == ["default"]  # the stand-ins for the busy default agent are gone
+    memory.close()
+    assert memory.pool.stats().used_bytes == 0
+
+
+def test_threads_share_an_agent_in_turn_and_mix_the_three_functions(memory):
+    """The same named agent from two threads runs one call after the other; stream and batch calls join in."""
+    model, tokenizer = memory.engine.model, memory.engine.tokenizer
+    first, longer = PROMPT, PROMPT + " and then reads it back"
+
+    def stream_three():
+        return "".join(
+            r.text for r in blockpool.stream_generate(model, tokenizer, "the pool", max_tokens=3, memory=memory)
+        )
+
+    calls = [
+        lambda: blockpool.generate(model, tokenizer, first, max_tokens=8, agent_id="shared", memory=memory),
+        lambda: blockpool.generate(model, tokenizer, longer, max_tokens=8, agent_id="shared", memory=memory),
+        lambda: blockpool.batch_generate(model, tokenizer, [[5, 6, 7], [8, 9]], max_tokens=5, memory=memory).texts,
+        stream_three,
+    ]
+    got = _in_threads(calls)
+    assert got[0] == mlx_lm.generate(model, tokenizer, first, max_tokens=8)
+    assert got[1] == mlx_lm.generate(model, tokenizer, longer, max_tokens=8)
+    assert got[2] == mlx_lm.batch_generate(model, tokenizer, [[5, 6, 7], [8, 9]], max_tokens=5).texts
+    assert got[3] == mlx_lm.generate(model, tokenizer, "the pool", max_tokens=3)
+    memory.close()
+    assert memory.pool.stats().used_bytes == 0

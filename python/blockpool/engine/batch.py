@@ -154,6 +154,18 @@ class DecodeBatch:
         self.caches = [k.as_batch(c) for k, c in zip(self._kinds, self.caches)]
         self._batched = True
 
+    def settle(self) -> None:
+        """Schedule every array the batch holds (its caches' state, the tokens launched), without waiting.
+
+        A graph built on one thread's stream can be evaluated on another thread
+        only once it is scheduled; an array left lazy (a cache's offset bumped
+        after the step was launched, say) could not be.
+        """
+        arrays = [self._next_tokens, *self._next_logprobs] if self._next_tokens is not None else []
+        for cache in self.caches or []:
+            arrays += _arrays_of(cache.state)
+        mx.async_eval(arrays)
+
     def __len__(self) -> int:
         return len(self.rows)
 
@@ -296,6 +308,15 @@ def _placeholder() -> mx.array:
         mx.eval(placeholder)
         _PLACEHOLDER.append(placeholder)
     return _PLACEHOLDER[0]
+
+
+def _arrays_of(value: Any) -> list[mx.array]:
+    """Every array inside a cache's state (arrays, lists and tuples of them, nested)."""
+    if isinstance(value, mx.array):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [a for item in value for a in _arrays_of(item)]
+    return []
 
 
 def _eval_cache(cache: Any) -> None:

@@ -38,7 +38,9 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.generate import generation_stream
 from mlx_lm.generate_utils import BatchCountersSnapshot, BatchStats
 
 from blockpool.block import AgentBlocks
@@ -310,6 +312,17 @@ class BlockPoolBatchEngine:
                 self._stepper.deltas = True
                 self._stepper.advance()
             return self._events.drain()
+
+    def settle(self) -> None:
+        """Schedule the computation of every array the running requests hold, without waiting.
+
+        MLX graphs are built on the driving thread's stream, and another
+        thread can evaluate only what is scheduled: a thread that drove the
+        engine calls this before another thread drives it (as the drop-in
+        functions do when several threads call them at once).
+        """
+        with self._guard.driving(), mx.stream(generation_stream):
+            self._stepper.settle()
 
     def close(self) -> None:
         """Cancel everything in flight and give back every byte it held."""

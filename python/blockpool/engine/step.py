@@ -88,6 +88,12 @@ class Stepper:
         """
         self.pool.charge(self, self.nbytes + self._join_reserved, force=True)
 
+    def settle(self) -> None:
+        """Schedule what the running batch and the prompt batch hold (see :meth:`DecodeBatch.settle`)."""
+        self.batch.settle()
+        if self.admission is not None:
+            self.admission.batch.settle()
+
     def advance(self) -> None:
         """One iteration: cancels, a decode step, admission and a prefill chunk."""
         with mx.stream(generation_stream):
