@@ -30,7 +30,7 @@ from blockpool.generate import (
 )
 from blockpool.ops import gather_blocks, scatter_blocks
 from blockpool.pool import AgentUsage, BlockPool, BlockWrite, PoolStats
-from blockpool.spec import BLOCK_TOKENS, Geometry, LayerSpec, ModelCacheSpec
+from blockpool.spec import BLOCK_TOKENS, Geometry, LayerSpec, ModelCacheSpec, StateGeometry
 from blockpool.store import AgentMemory, MemoryStats
 
 __version__ = "0.1.0"
@@ -61,6 +61,7 @@ __all__ = [
     "PersistenceError",
     "PoolExhaustedError",
     "PoolStats",
+    "StateGeometry",
     "UnsupportedModelError",
     "batch_generate",
     "extend_blocks",

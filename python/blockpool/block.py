@@ -27,9 +27,11 @@ class AgentBlocks:
     Attributes:
         agent_id: The agent the blocks belong to.
         spec: The model cache layout the blocks were made for.
-        blocks: For each layer, its blocks in token order. A full-attention
-            layer covers tokens ``[0, total_tokens)``; a sliding-window layer
-            only the blocks covering its last ``window`` tokens.
+        blocks: For each layer (cache entry), its blocks in order. A
+            full-attention layer covers tokens ``[0, total_tokens)``; a
+            sliding-window or chunked layer only the blocks covering the
+            tokens it keeps; a recurrent layer holds state snapshots, one per
+            position in ``positions``.
         total_tokens: Tokens in the agent's history.
         token_ids: The history's token ids, ``len == total_tokens``.
         ring_index: For sliding layers whose mlx-lm cache was a full ring,
@@ -44,6 +46,8 @@ class AgentBlocks:
         generation: Issued by the pool, increasing per agent. A handle is
             consumed when it is submitted; the engine refuses a consumed
             handle or one older than the agent's newest (stale).
+        positions: For recurrent layers, the position each snapshot was
+            taken after, increasing; the last is ``total_tokens``.
     """
 
     agent_id: str
@@ -56,6 +60,7 @@ class AgentBlocks:
     pool_id: str | None = None
     generation: int | None = None
     consumed: bool = field(default=False, compare=False, repr=False)
+    positions: dict[int, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.check()
@@ -68,28 +73,23 @@ class AgentBlocks:
         if sorted(self.blocks) != list(range(spec.num_layers)):
             raise ValueError(f"blocks must cover layers 0..{spec.num_layers - 1}")
         for layer_id, blocks in self.blocks.items():
-            lo, hi = spec.block_range(layer_id, self.total_tokens)
             if any(b.layer_id != layer_id for b in blocks):
                 raise ValueError(f"layer {layer_id} holds a block of another layer")
-            # A sliding layer may keep older blocks than it needs, never fewer.
-            if len(blocks) < hi - lo or len(blocks) > hi:
-                raise ValueError(
-                    f"layer {layer_id} ({spec.layers[layer_id].attention}) holds {len(blocks)} blocks; "
-                    f"{self.total_tokens} tokens need {hi - lo}"
-                )
-            needed = spec.kind(layer_id).first_needed(self.total_tokens)
-            if self.valid_start(layer_id) > needed:
-                raise ValueError(f"layer {layer_id} does not hold the tokens from position {needed} on")
+            spec.kind(layer_id).check(self, layer_id)
 
     def first_block(self, layer_id: int) -> int:
-        """Logical index (token position // block_tokens) of a layer's first block."""
-        hi = -(-self.total_tokens // self.spec.block_tokens)
-        return hi - len(self.blocks[layer_id])
+        """Logical index (token position // block_tokens) of a token layer's first block (0 for a state layer)."""
+        if self.spec.kind(layer_id).storage != "tokens":
+            return 0
+        return -(-self.total_tokens // self.spec.block_tokens) - len(self.blocks[layer_id])
 
     def valid_start(self, layer_id: int) -> int:
-        """First position whose tokens a layer's blocks hold (0 for a layer that keeps every token)."""
-        first = self.first_block(layer_id) * self.spec.block_tokens
-        return max(first, self.valid_from.get(layer_id, self.spec.kind(layer_id).first_needed(self.total_tokens)))
+        """First position whose tokens a token layer's blocks hold (0 for a layer that keeps every token);
+        for a state layer, its last snapshot's position."""
+        kind = self.spec.kind(layer_id)
+        if kind.storage != "tokens":
+            return self.positions.get(layer_id, [0])[-1] if self.positions.get(layer_id) else 0
+        return kind.valid_start(self, layer_id)
 
     def all_blocks(self) -> Iterator[KVBlock]:
         """Every block of every layer."""

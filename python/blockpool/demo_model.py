@@ -97,7 +97,11 @@ def build_model(config: dict[str, Any], dtype: mx.Dtype = mx.float32, seed: int 
     model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
-    model.update(tree_map(lambda p: p * WEIGHT_SCALE if p.ndim > 1 else p, model.parameters()))
+    model.update(
+        tree_map(
+            lambda p: p * WEIGHT_SCALE if p.ndim > 1 and mx.issubdtype(p.dtype, mx.floating) else p, model.parameters()
+        )
+    )
     model.set_dtype(dtype)
     mx.eval(model.parameters())
     return model
@@ -113,7 +117,7 @@ def write_model_dir(
     mx.save_safetensors(
         str(path / "model.safetensors"), dict(tree_flatten(model.parameters())), metadata={"format": "mlx"}
     )
-    tokenizer_json = train_tokenizer_json(config["vocab_size"])
+    tokenizer_json = train_tokenizer_json(config.get("vocab_size", VOCAB_SIZE))
     (path / "tokenizer.json").write_text(tokenizer_json)
     eos_id = json.loads(tokenizer_json)["added_tokens"][0]["id"]
     full = {**config, "eos_token_id": eos_id, "bos_token_id": eos_id}

@@ -40,6 +40,7 @@ from blockpool import (
     KVBlock,
     LayerSpec,
     ModelCacheSpec,
+    StateGeometry,
     ops,
     persistence,
     prompt,
@@ -540,10 +541,40 @@ def _(w):
     assert g.bytes_per_block() == 2 * 256 * (16 + 8) * 2
 
 
-@row("LayerSpec")
+@row("LayerSpec", "Geometry.token_bytes")
 def _(w):
     layer = LayerSpec(Geometry(2, 16, 16, "float32"))
     assert layer.attention == "full" and layer.window is None
+    assert layer.geometry.token_bytes() == 2 * (16 + 16) * 4
+
+
+@row(
+    "StateGeometry",
+    "StateGeometry.planes",
+    "StateGeometry.bytes_per_block",
+    "StateGeometry.token_bytes",
+    "BlockPool.write_states",
+    "BlockPool.read_states",
+)
+def _(w):
+    from blockpool.kinds import RecurrentState
+
+    geometry = StateGeometry(((3, 8), None), ("float32", None))
+    assert geometry.planes() == {"s0": ((3, 8), "float32")} and geometry.bytes_per_block() == 96
+    assert geometry.token_bytes() == 0
+    pool = BlockPool(ModelCacheSpec((LayerSpec(geometry, kind=RecurrentState(2)),)), num_blocks=4)
+    (block,) = pool.allocate(1, 0, "s")
+    state = [mx.ones((3, 8)), None]
+    pool.write_states([(0, [block], [state])])
+    (got,) = pool.read_states({0: [block]})[0]
+    assert mx.array_equal(got[0], state[0]).item() and got[1] is None
+    pool.free([block], "s")
+
+
+@row("ModelCacheSpec.assemble", "ModelCacheSpec.disassemble")
+def _(w):
+    caches = w.spec.assemble([w.spec.kind(i).new_cache() for i in range(w.spec.num_layers)])
+    assert len(caches) == w.spec.model_layers and w.spec.disassemble(caches) == caches
 
 
 @row("ModelCacheSpec", "ModelCacheSpec.to_dict", "ModelCacheSpec.from_dict")

@@ -56,8 +56,8 @@ def test_inspect_lists_agents_and_flags_a_corrupt_file(load_tiny, tmp_path):
         "74",
         str(files[0].stat().st_size),
         "32",
-        "1",
-    ]  # tokens, bytes, float32 values, format 1
+        "2",
+    ]  # tokens, bytes, float32 values, format 2
     assert any("corrupt: checksum mismatch" in line for line in lines)
     assert any("partial write" in line for line in lines)
     assert lines[-1].startswith("2 agent files: 1 ok, 1 corrupt, 0 incompatible; ignored: 1 partial writes")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from mlx_lm.models.cache import CacheList, ChunkedKVCache, KVCache, RotatingKVCache
+from mlx_lm.models.cache import CacheList, KVCache, RotatingKVCache
 
 import tiny_models
-from blockpool import Geometry, LayerSpec, ModelCacheSpec, UnsupportedModelError
+from blockpool import Geometry, LayerSpec, ModelCacheSpec, StateGeometry, UnsupportedModelError
 from tiny_models import tiny_model
 
 # arch -> (layers, kv heads, head dim, sliding layers)
@@ -69,7 +69,7 @@ def test_spec_round_trips_through_dict(gemma_spec):
     assert ModelCacheSpec.from_dict(gemma_spec.to_dict()) == gemma_spec
 
 
-def test_ssm_model_is_unsupported():
+def test_an_ssm_model_is_described_by_its_state_shapes():
     from mlx_lm.models import mamba
 
     args = mamba.ModelArgs(
@@ -84,8 +84,11 @@ def test_ssm_model_is_unsupported():
         use_conv_bias=True,
         time_step_rank=4,
     )
-    with pytest.raises(UnsupportedModelError, match="layer 0 uses ArraysCache"):
-        ModelCacheSpec.from_model(mamba.Model(args))
+    spec = ModelCacheSpec.from_model(mamba.Model(args))
+    assert [layer.attention for layer in spec.layers] == ["recurrent", "recurrent"]
+    geometry = spec.layers[0].geometry
+    assert isinstance(geometry, StateGeometry) and geometry.shapes == ((3, 32), (32, 4))
+    assert spec.bytes_per_block(0) == (3 * 32 + 32 * 4) * 4 and ModelCacheSpec.from_dict(spec.to_dict()) == spec
 
 
 class _CustomCacheModel(nn.Module):
@@ -102,11 +105,15 @@ class _CustomCacheModel(nn.Module):
         raise AssertionError("the spec must reject the cache before the probe")
 
 
+class _LayerCache:
+    """A cache class of a model's own, outside mlx-lm's cache module (as DeepSeek V4.1 has)."""
+
+
 @pytest.mark.parametrize(
     "caches, message",
     [
-        (lambda: [KVCache(), ChunkedKVCache(64)], "layer 1 uses ChunkedKVCache"),
-        (lambda: [CacheList(KVCache(), KVCache())], "layer 0 uses CacheList"),
+        (lambda: [KVCache(), _LayerCache()], "layer 1 uses _LayerCache, which blockpool does not store"),
+        (lambda: [CacheList(KVCache(), _LayerCache())], "layer 0 uses _LayerCache"),
         (lambda: [RotatingKVCache(64, keep=4)], "layer 0 uses RotatingKVCache with keep=4"),
     ],
 )

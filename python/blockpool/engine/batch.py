@@ -30,8 +30,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import TokenBuffer
 from mlx_lm.sample_utils import greedy_sampler
 
-from blockpool.engine.working_memory import token_bytes
-from blockpool.kinds import Source
+from blockpool.kinds import Source, arrays_in
 from blockpool.spec import ModelCacheSpec
 
 Sampler = Callable[[mx.array], mx.array]
@@ -66,7 +65,7 @@ class DecodeBatch:
     def __init__(self, model: nn.Module, spec: ModelCacheSpec):
         self.model, self.spec = model, spec
         self._kinds = [spec.kind(i) for i in range(spec.num_layers)]
-        self._token_bytes = [token_bytes(spec, i) for i in range(spec.num_layers)]
+        self._token_bytes = [spec.layers[i].geometry.token_bytes() for i in range(spec.num_layers)]
         self.rows: list[Row] = []
         self.caches: list[Any] | None = None
         self._batched = False  # False: one sequence in plain caches
@@ -112,8 +111,8 @@ class DecodeBatch:
             return 0
         if not self._batched:
             tokens = mx.array(chunks, dtype=mx.uint32)
-            self.model(tokens, cache=self.caches)
-            mx.eval([c.state for c in self.caches])
+            self.model(tokens, cache=self.spec.assemble(self.caches))
+            mx.eval(arrays_in([c.state for c in self.caches]))
             return longest
         for kind, cache in zip(self._kinds, self.caches):  # room for the chunk now, one layer at a time
             kind.grow(cache, longest)
@@ -122,7 +121,7 @@ class DecodeBatch:
         if max(padding):
             for cache in self.caches:
                 cache.prepare(lengths=lengths, right_padding=padding)
-        self.model(tokens, cache=self.caches)
+        self.model(tokens, cache=self.spec.assemble(self.caches))
         for cache in self.caches:
             if max(padding):
                 cache.finalize()
@@ -163,7 +162,7 @@ class DecodeBatch:
         """
         arrays = [self._next_tokens, *self._next_logprobs] if self._next_tokens is not None else []
         for cache in self.caches or []:
-            arrays += _arrays_of(cache.state)
+            arrays += arrays_in(cache.state)
         mx.async_eval(arrays)
 
     def __len__(self) -> int:
@@ -185,7 +184,7 @@ class DecodeBatch:
         if not self.rows:
             return []
         current, current_logprobs = self._next_tokens, self._next_logprobs
-        logits = self.model(current[:, None], cache=self.caches)[:, -1, :]
+        logits = self.model(current[:, None], cache=self.spec.assemble(self.caches))[:, -1, :]
         contexts = []
         if any(row.processors for row in self.rows):
             processed = []
@@ -290,9 +289,20 @@ class DecodeBatch:
                 ring[layer_id] = r
         return sources, ring
 
+    def row_states(self, index: int, layers: Sequence[int]) -> dict[int, Any]:
+        """Row ``index``'s state in the given (recurrent) layers: copies, never the live arrays."""
+        out = {}
+        for layer_id in layers:
+            kind, cache = self._kinds[layer_id], self.caches[layer_id]
+            out[layer_id] = kind.read_row(cache, index)[0] if self._batched else kind.read(cache)
+        return out
+
     def row_tokens(self, index: int) -> int:
-        """Tokens row ``index``'s caches hold."""
-        cache = self.caches[0]
+        """Tokens row ``index``'s caches hold (a token layer's offset; else the tokens fed to the model)."""
+        token_layer = next((i for i, k in enumerate(self._kinds) if k.storage == "tokens"), None)
+        if token_layer is None:
+            return len(self.rows[index].context)
+        cache = self.caches[token_layer]
         offset = cache.offset if not self._batched else cache.offset[index]
         return int(offset.item()) if isinstance(offset, mx.array) else int(offset)
 
@@ -310,15 +320,6 @@ def _placeholder() -> mx.array:
     return _PLACEHOLDER[0]
 
 
-def _arrays_of(value: Any) -> list[mx.array]:
-    """Every array inside a cache's state (arrays, lists and tuples of them, nested)."""
-    if isinstance(value, mx.array):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [a for item in value for a in _arrays_of(item)]
-    return []
-
-
 def _eval_cache(cache: Any) -> None:
-    """Evaluate a cache's arrays (its state mixes arrays and plain numbers)."""
-    mx.eval([x for x in cache.state if isinstance(x, mx.array)])
+    """Evaluate a cache's arrays (its state mixes arrays, lists of them and plain numbers)."""
+    mx.eval(arrays_in(cache.state))

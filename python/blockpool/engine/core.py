@@ -45,8 +45,16 @@ from mlx_lm.generate_utils import BatchCountersSnapshot, BatchStats
 
 from blockpool.block import AgentBlocks
 from blockpool.engine.batch import LogitsProcessor, Sampler
+from blockpool.engine.batch_check import batch_support
+from blockpool.engine.checkpoints import Checkpointer
 from blockpool.engine.driving import DriveGuard
-from blockpool.engine.intake import Intake, check_arguments, check_engine_sizes, check_max_waiting
+from blockpool.engine.intake import (
+    Intake,
+    check_arguments,
+    check_checkpoint_blocks,
+    check_engine_sizes,
+    check_max_waiting,
+)
 from blockpool.engine.output import Endings, EventQueue
 from blockpool.engine.scheduler import Scheduler, default_max_waiting
 from blockpool.engine.step import Stepper
@@ -57,6 +65,9 @@ from blockpool.prompt import vocab_size_of
 from blockpool.spec import ModelCacheSpec
 
 _DEFAULT = object()
+
+#: Blocks between two recurrent checkpoints while a prompt is prefilled (see ``docs/models.md`` for the measurement).
+DEFAULT_CHECKPOINT_BLOCKS = 4
 
 
 class BlockPoolBatchEngine:
@@ -74,6 +85,12 @@ class BlockPoolBatchEngine:
             raises ``PoolExhaustedError``. By default twice the requests the
             pool could hold at once at their smallest (one block per layer
             each: ``2 * (pool.total_blocks // layers)``); None for no bound.
+        checkpoint_blocks: For models with recurrent layers: snapshot their
+            state every this many blocks while a prompt is prefilled, so that
+            a prompt that diverges from an agent's history, or a shared
+            prefix, resumes from the last checkpoint before the divergence
+            (None: only where prompts and turns end). Each checkpoint costs
+            one state per recurrent layer of the budget.
 
     Raises:
         IncompatibleCacheError: The pool was made for another cache layout.
@@ -89,17 +106,21 @@ class BlockPoolBatchEngine:
         prefill_batch_size: int = 8,
         prefill_step_size: int = 2048,
         max_waiting: int | None = _DEFAULT,  # type: ignore[assignment]
+        checkpoint_blocks: int | None = DEFAULT_CHECKPOINT_BLOCKS,
     ):
         check_engine_sizes(completion_batch_size, prefill_batch_size, prefill_step_size)
         if max_waiting is _DEFAULT:
             max_waiting = default_max_waiting(pool) if isinstance(pool, BlockPool) else None
         check_max_waiting(max_waiting)
+        check_checkpoint_blocks(checkpoint_blocks)
         spec = ModelCacheSpec.from_model(model)
         if not isinstance(pool, BlockPool) or spec != pool.spec:
             raise IncompatibleCacheError("the pool was made for another model's cache layout")
         self.model, self.tokenizer, self.pool, self.spec = model, tokenizer, pool, spec
         self.completion_batch_size, self.prefill_batch_size = completion_batch_size, prefill_batch_size
         self.prefill_step_size, self.max_waiting = prefill_step_size, max_waiting
+        self.checkpoint_blocks = checkpoint_blocks
+        every = checkpoint_blocks * spec.block_tokens if checkpoint_blocks else None
         self.vocab_size = vocab_size_of(model)  # token ids the model embeds (None: unknown)
         self._lock = threading.RLock()
         self._uids = itertools.count()
@@ -108,11 +129,19 @@ class BlockPoolBatchEngine:
         self._events = EventQueue()
         self._intake = Intake(spec, pool, tokenizer, self.vocab_size)
         sizes = dict(completion_batch_size=completion_batch_size, prefill_batch_size=prefill_batch_size)
+        self.batching = batch_support(model, spec)  # what this model's mlx-lm code batches exactly
+        if not self.batching.decode:
+            sizes = dict(completion_batch_size=1, prefill_batch_size=1)
+        elif not self.batching.padded_prefill:
+            sizes["prefill_batch_size"] = 1
         self._scheduler = Scheduler(
-            spec, pool, self._lock, **sizes, prefill_step_size=prefill_step_size, max_waiting=max_waiting
+            spec, pool, self._lock, **sizes, prefill_step_size=prefill_step_size, max_waiting=max_waiting, every=every
         )
         endings = Endings(pool, self._events, self._release)
-        self._stepper = Stepper(model, spec, pool, self._scheduler, self._events, endings, set(tokenizer.eos_token_ids))
+        checkpoints = Checkpointer(spec, pool, every)
+        self._stepper = Stepper(
+            model, spec, pool, self._scheduler, self._events, endings, set(tokenizer.eos_token_ids), checkpoints
+        )
         self._endings = endings
         self._guard = DriveGuard()
         self._closed = False

@@ -12,20 +12,21 @@ A request resumes from one of:
   disk) while the request waits;
 - nothing (a cold request).
 
-If a history can no longer serve the prefix the request resumes from (it
-was dropped while the request waited, or a sliding layer lost the window),
-it is prefilled again instead: slower, never wrong. On a failure or a
+If a history can serve only a shorter prefix than the request resumes from
+(it was dropped while the request waited, a sliding layer lost the window, a
+recurrent layer has no snapshot there), the request resumes from the
+longest prefix it can serve and prefills the rest: slower, never wrong. On a failure or a
 cancel, the caller gets back the history as it was before the request.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from blockpool.block import AgentBlocks
-from blockpool.cache_conversion import can_resume, file_to_mlx_caches, to_mlx_caches, truncate
+from blockpool.cache_conversion import entry_caches, file_to_mlx_caches, resume_point, truncate
 from blockpool.errors import GenerationError, IncompatibleCacheError, InvalidRequestError
 from blockpool.persistence import AgentFile
 from blockpool.spec import ModelCacheSpec
@@ -67,6 +68,8 @@ class History:
     tokens: list[int]  # the history's token ids the request resumes from
     base: AgentBlocks | None = None  # the history in the pool, from admission on
     file: AgentFile | None = None  # a history read from disk, until its caches are built
+    # recurrent snapshots taken while the request prefills, per state layer: (position, block), until written back
+    pending: dict[int, list[tuple[int, Any]]] = field(default_factory=dict)
 
     @property
     def keep(self) -> int:
@@ -151,24 +154,26 @@ def materialize(request: Any, spec: ModelCacheSpec, pool: Any) -> None:
             check_source(spec, pool, request.agent_id, source, history.keep)
             if list(source.token_ids[: history.keep]) != history.tokens:
                 raise GenerationError("the deferred history does not hold the tokens it promised")
-    if isinstance(source, AgentFile) and can_resume(source, history.keep):
+    if isinstance(source, (AgentFile, AgentBlocks)):
+        # Resume from the longest prefix every layer can serve exactly (a recurrent layer: its last
+        # checkpoint at or before the kept tokens); the rest joins the prompt.
+        resume_from(request, resume_point(source, history.keep))
+    if isinstance(source, AgentFile) and history.keep:
         history.file, history.base = source, AgentBlocks.empty(request.agent_id, spec)
         return
-    base = None
     if isinstance(source, AgentBlocks):
-        base = source if history.keep == source.total_tokens else truncate(pool, source, history.keep)
-        if base is None:
-            pool.release(source)
-    if base is None:
-        prefill_again(request)
-        base = AgentBlocks.empty(request.agent_id, spec)
-    history.base = base
+        history.base = source if history.keep == source.total_tokens else truncate(pool, source, history.keep)
+        return
+    resume_from(request, 0)
+    history.base = AgentBlocks.empty(request.agent_id, spec)
 
 
-def prefill_again(request: Any) -> None:
-    """The history is gone (or cannot serve the prefix): its tokens are prefilled with the prompt."""
-    request.prompt = request.history.tokens + request.prompt
-    request.history.tokens = []
+def resume_from(request: Any, point: int) -> None:
+    """Keep only the first ``point`` history tokens: the rest is prefilled with the prompt."""
+    history = request.history
+    if point < history.keep:
+        request.prompt = history.tokens[point:] + request.prompt
+        history.tokens = history.tokens[:point]
 
 
 def rebuild_caches(request: Any, spec: ModelCacheSpec, pool: Any, spare: int) -> list[Any]:
@@ -181,12 +186,18 @@ def rebuild_caches(request: Any, spec: ModelCacheSpec, pool: Any, spare: int) ->
         history.file = None
         return caches
     if history.base.total_tokens:
-        return to_mlx_caches(pool, history.base, spare_tokens=spare)
+        return entry_caches(pool, history.base, spare_tokens=spare)
     return [spec.kind(i).new_cache() for i in range(spec.num_layers)]
 
 
-def hand_back(pool: Any, history: History) -> AgentBlocks | None:
-    """The handle a request that ends without output gives back: its history as it was before the request."""
+def hand_back(pool: Any, history: History, agent_id: str) -> AgentBlocks | None:
+    """The handle a request that ends without output gives back: its history as it was before the request.
+
+    Snapshots it took and never wrote back are freed."""
+    pending = [block for pairs in history.pending.values() for _, block in pairs]
+    if pending:
+        pool.free(pending, agent_id)
+        history.pending = {}
     if history.base is not None:
         blocks = reissue(pool, history.base)
         if blocks.total_tokens > history.keep:  # preempted: give back the history before the request

@@ -72,6 +72,12 @@ def check_max_waiting(max_waiting: Any) -> None:
         raise InvalidRequestError(f"max_waiting must be None or an integer >= 0, got {max_waiting!r}")
 
 
+def check_checkpoint_blocks(blocks: Any) -> None:
+    """The recurrent checkpoint interval: None or an integer >= 1 (in blocks)."""
+    if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1):
+        raise InvalidRequestError(f"checkpoint_blocks must be None or an integer >= 1, got {blocks!r}")
+
+
 class Intake:
     """Makes checked requests for one engine's model, tokenizer and pool."""
 

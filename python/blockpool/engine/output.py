@@ -207,7 +207,7 @@ class Endings:
 
     def abandon(self, request: Request, reason: str, error: BaseException | None = None) -> None:
         """End a request whose new tokens are not kept (cancelled, failed): its history goes back to the caller."""
-        blocks = hand_back(self.pool, request.history)
+        blocks = hand_back(self.pool, request.history, request.agent_id)
         if blocks is not None and reason == "cancelled" and request.free_on_cancel:
             self.pool.release(blocks)
             blocks = None

@@ -71,6 +71,7 @@ class Scheduler:
         lock: The engine's lock; the queue is under it (submit and cancel may run on any thread).
         completion_batch_size, prefill_batch_size, prefill_step_size: As for the engine.
         max_waiting: Most requests waiting (None: no bound).
+        every: The recurrent checkpoint grid in tokens (None: none), for estimates.
     """
 
     def __init__(
@@ -83,11 +84,12 @@ class Scheduler:
         prefill_batch_size: int,
         prefill_step_size: int,
         max_waiting: int | None,
+        every: int | None = None,
     ):
         self.spec, self.pool, self._lock = spec, pool, lock
         self.completion_batch_size, self.prefill_batch_size = completion_batch_size, prefill_batch_size
         self.max_waiting = max_waiting
-        self.memory = WorkingMemory(spec, prefill_step_size)
+        self.memory = WorkingMemory(spec, prefill_step_size, every)
         self.waiting: deque[Request] = deque()
         self.hold_admissions = False  # after a preemption, until a request ends
         self._order = itertools.count()

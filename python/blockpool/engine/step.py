@@ -32,6 +32,7 @@ from mlx_lm.generate_utils import BatchCounters
 from blockpool.block import AgentBlocks
 from blockpool.cache_conversion import extend_blocks, plan_extension
 from blockpool.engine.batch import DecodeBatch, Row
+from blockpool.engine.checkpoints import Checkpointer
 from blockpool.engine.history import rebuild_caches
 from blockpool.engine.output import Endings, EventQueue, on_token
 from blockpool.engine.scheduler import Admit, Readmit, Refuse, Scheduler
@@ -59,8 +60,10 @@ class Stepper:
         events: EventQueue,
         endings: Endings,
         eos: set[int],
+        checkpoints: Checkpointer,
     ):
         self.model, self.spec, self.pool = model, spec, pool
+        self.checkpoints = checkpoints
         self.scheduler, self.events, self.endings, self.eos = scheduler, events, endings, eos
         self.batch = DecodeBatch(model, spec)
         self.admission: PromptBatch | None = None
@@ -203,9 +206,11 @@ class Stepper:
         total = self.batch.row_tokens(index)
         if total != len(tokens):
             raise GenerationError(f"the cache holds {total} tokens, the request {len(tokens)}")
-        base = request.history.base
-        plans = plan_extension(self.pool, base, total)
-        return extend_blocks(self.pool, base, plans, dict(enumerate(sources)), tokens, ring, force=True)
+        history = request.history
+        plans = plan_extension(self.pool, history.base, total, history.pending, self.checkpoints.every)
+        blocks = extend_blocks(self.pool, history.base, plans, dict(enumerate(sources)), tokens, ring, force=True)
+        history.pending = {}  # the snapshots are the handle's now
+        return blocks
 
     def _preempt(self, index: int) -> None:
         """Move a running request out of the batch: its KV to blocks, itself to the head of the queue."""
@@ -328,14 +333,16 @@ class Stepper:
         chunks = []
         for request in requests:
             remaining = len(request.prompt) - 1 - request.prefilled  # the last token goes to the first step
-            n = min(step, max(0, remaining))
+            n = self.checkpoints.chunk(request, min(step, max(0, remaining)))
             chunks.append(request.prompt[request.prefilled : request.prefilled + n])
         if any(chunks):
             tic = time.perf_counter()
             self.counters.prompt_tokens += batch.prefill(chunks)
             self.counters.prompt_time += time.perf_counter() - tic
-            for request, chunk in zip(requests, chunks):
+            for row, (request, chunk) in enumerate(zip(requests, chunks)):
                 request.prefilled += len(chunk)
+                if chunk:
+                    self.checkpoints.after_chunk(request, batch, row)
                 if request.params.progress and chunk:
                     request.params.progress(request.prefilled, len(request.prompt))
             self.charge()

@@ -1,9 +1,10 @@
 """How much memory a running request takes: the rules the engine budgets with.
 
 A running request holds its history in its blocks and a working copy in
-mlx-lm's caches (each layer's capacity is its cache kind's
-``working_tokens``: a full layer's grows in steps of 256 tokens, a sliding
-layer holds its window, plus a prefill chunk while it prefills), and
+mlx-lm's caches (each layer's size is its cache kind's ``working_bytes``: a
+full layer's capacity grows in steps of 256 tokens, a sliding layer holds
+its window plus a prefill chunk while it prefills, a recurrent layer its
+fixed-size state), and
 while the batch changes shape one layer is copied at a time. These
 estimates are what the engine charges before it admits, grows or joins, and
 what ``request_bytes`` reports: the most a request can take alone.
@@ -14,12 +15,6 @@ from __future__ import annotations
 from blockpool.spec import ModelCacheSpec
 
 
-def token_bytes(spec: ModelCacheSpec, layer_id: int) -> int:
-    """Bytes of one token's K and V in a layer's working cache (the model's dtype)."""
-    g = spec.layers[layer_id].geometry
-    return g.kv_heads * (g.k_head_dim + g.v_head_dim) * g.mx_dtype.size
-
-
 class WorkingMemory:
     """Working-cache estimates for one model's layout.
 
@@ -27,29 +22,39 @@ class WorkingMemory:
         spec: The model's cache layout.
         prefill_step_size: Prompt tokens per prefill chunk (a sliding layer
             holds its window plus one chunk while it prefills).
+        checkpoint_every: The recurrent checkpoint grid in tokens (None: no
+            grid), for the snapshots a request's recurrent layers keep.
     """
 
-    def __init__(self, spec: ModelCacheSpec, prefill_step_size: int = 2048):
-        self.spec, self.prefill_step_size = spec, prefill_step_size
-        self._token_bytes = [token_bytes(spec, i) for i in range(spec.num_layers)]
+    def __init__(self, spec: ModelCacheSpec, prefill_step_size: int = 2048, checkpoint_every: int | None = None):
+        self.spec, self.prefill_step_size, self.checkpoint_every = spec, prefill_step_size, checkpoint_every
 
-    def _layer_tokens(self, layer_id: int, total: int) -> int:
-        return self.spec.kind(layer_id).working_tokens(total, self.spec.block_tokens, self.prefill_step_size)
+    def _layer_bytes(self, layer_id: int, total: int) -> int:
+        layer = self.spec.layers[layer_id]
+        return layer.kind.working_bytes(layer.geometry, total, self.spec.block_tokens, self.prefill_step_size)
 
     def caches(self, total: int, rows: int = 1) -> int:
         """Bytes of ``rows`` sequences' caches at ``total`` tokens (the batch pads every row to the longest)."""
-        return sum(rows * self._layer_tokens(i, total) * self._token_bytes[i] for i in range(self.spec.num_layers))
+        return sum(rows * self._layer_bytes(i, total) for i in range(self.spec.num_layers))
 
     def layer_copy(self, total: int, rows: int = 1) -> int:
         """The largest single layer of such caches: the old copy alive while one layer grows or changes shape."""
-        return max(rows * self._layer_tokens(i, total) * self._token_bytes[i] for i in range(self.spec.num_layers))
+        return max(rows * self._layer_bytes(i, total) for i in range(self.spec.num_layers))
+
+    def snapshots(self, total: int) -> int:
+        """Snapshots a recurrent layer keeps for a ``total``-token agent at most: the grid, the end of the
+        prompt, the previous turn's end and the last token."""
+        return (total // self.checkpoint_every if self.checkpoint_every else 0) + 3
 
     def request(self, total: int, block_bytes: list[int]) -> int:
         """The most a request of ``total`` tokens takes alone: its blocks, its caches and one layer's copy.
 
         ``block_bytes[i]`` is the bytes of one block of layer ``i`` as the pool stores it.
         """
-        blocks = sum(self.spec.blocks_held(i, total) * block_bytes[i] for i in range(self.spec.num_layers))
+        blocks = 0
+        for i in range(self.spec.num_layers):
+            held = self.snapshots(total) if self.spec.kind(i).storage == "state" else self.spec.blocks_held(i, total)
+            blocks += held * block_bytes[i]
         return blocks + self.caches(total) + self.layer_copy(total)
 
 

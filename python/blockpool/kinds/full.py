@@ -14,14 +14,15 @@ from typing import Any, ClassVar
 import mlx.core as mx
 from mlx_lm.models.cache import BatchKVCache, KVCache
 
-from blockpool.kinds.base import CacheKind, Source, blocks_for
+from blockpool.kinds.base import Source, blocks_for
+from blockpool.kinds.tokens import TokenKind
 
 #: Tokens a full cache grows by when it is full (mlx-lm's ``KVCache.step``).
 STEP = KVCache.step
 
 
 @dataclass(frozen=True)
-class FullAttention(CacheKind):
+class FullAttention(TokenKind):
     """Every token is kept; the layer's blocks cover ``[0, tokens)``."""
 
     name: ClassVar[str] = "full"
@@ -37,6 +38,9 @@ class FullAttention(CacheKind):
 
     def max_blocks(self, block_tokens: int) -> int | None:
         return None
+
+    def chain_required(self) -> bool:
+        return True
 
     def cache_tokens(self, tokens: int) -> int:
         return tokens

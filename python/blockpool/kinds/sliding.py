@@ -16,11 +16,12 @@ from typing import Any, ClassVar
 import mlx.core as mx
 from mlx_lm.models.cache import BatchRotatingKVCache, RotatingKVCache
 
-from blockpool.kinds.base import CacheKind, Source, blocks_for
+from blockpool.kinds.base import Source, blocks_for
+from blockpool.kinds.tokens import TokenKind
 
 
 @dataclass(frozen=True)
-class SlidingWindow(CacheKind):
+class SlidingWindow(TokenKind):
     """The last ``window`` tokens are kept."""
 
     window: int

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,9 @@ from blockpool.persistence.safetensors_io import (
 )
 from blockpool.spec import ModelCacheSpec
 
-FORMAT_VERSION = 1
+#: 2 adds recurrent-state snapshots (``positions``); files of version 1 (attention only) still load.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = ("1", "2")
 SUFFIX = ".safetensors"
 METADATA_KEYS = (
     "format",
@@ -65,14 +67,27 @@ class AgentFile:
     spec: ModelCacheSpec
     token_ids: list[int]
     first_token: list[int]  # per layer: position of the first stored token
-    planes: list[dict[str, Any]]  # per layer: plane name -> [1, H, T_layer, d] (an mx.array, or block-backed rows)
+    # per layer: a token layer's plane name -> [1, H, T_layer, d] (an mx.array, or block-backed rows);
+    # a state layer's "<snapshot>.s<slot>" -> the slot's array, one snapshot per position in ``positions``
+    planes: list[dict[str, Any]]
     ring_index: dict[int, int]
     kv_bits: int | None = None
     kv_group_size: int = 64
+    positions: dict[int, list[int]] = field(default_factory=dict)  # per state layer: its snapshots' positions
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for layer in self.planes for a in layer.values())
+
+    def valid_start(self, layer_id: int) -> int:
+        """The first position a token layer's stored tokens hold."""
+        return self.first_token[layer_id]
+
+    def state_at(self, layer_id: int, position: int) -> list[mx.array | None]:
+        """A state layer's snapshot at ``position`` (``KeyError`` if it has none there)."""
+        j = self.positions[layer_id].index(position)
+        shapes = self.spec.layers[layer_id].geometry.shapes
+        return [self.planes[layer_id][f"{j}.s{k}"] if shape else None for k, shape in enumerate(shapes)]
 
 
 def agent_file_name(agent_id: str) -> str:
@@ -126,6 +141,7 @@ def file_metadata(file: AgentFile) -> dict[str, str]:
         "ring_index": json.dumps({str(k): v for k, v in file.ring_index.items()}),
         "kv_bits": json.dumps(file.kv_bits),
         "kv_group_size": json.dumps(file.kv_group_size),
+        "positions": json.dumps({str(k): v for k, v in file.positions.items()}),
     }
 
 
@@ -254,13 +270,15 @@ def _structure(metadata: dict[str, str], arrays: dict[str, mx.array]) -> AgentFi
     ):
         raise ValueError(f"first_token must list one integer position per layer ({spec.num_layers})")
     for i in range(spec.num_layers):
-        # A layer's stored tokens must start at or before the first position its kind needs.
-        kind, needed = spec.kind(i), spec.kind(i).first_needed(total)
+        # A token layer's stored tokens must start at or before the first position its kind needs.
+        kind = spec.kind(i)
+        needed = kind.first_needed(total) if kind.storage == "tokens" else 0
         if not 0 <= first_token[i] <= needed:
             raise ValueError(
                 f"{kind.label} layer {i} starts at token {first_token[i]}; "
                 f"with {total} tokens it must hold those from {needed} on"
             )
+    positions = _positions(metadata, spec, total)
 
     ring_raw = json.loads(metadata["ring_index"])
     if not isinstance(ring_raw, dict):
@@ -280,16 +298,29 @@ def _structure(metadata: dict[str, str], arrays: dict[str, mx.array]) -> AgentFi
     expected = {"token_ids"}
     planes = []
     for i, layer in enumerate(spec.layers):
-        g, tokens = layer.geometry, total - first_token[i]
-        names = g.planes(kv_bits, kv_group_size)
-        layer_planes = {}
-        for name, (dim, dtype) in names.items():
+        g, layer_planes = layer.geometry, {}
+        if layer.kind.storage == "state":
+            wanted = {
+                f"{j}.{name}": (tuple(shape), dtype)
+                for j in range(len(positions[i]))
+                for name, (shape, dtype) in g.planes().items()
+            }
+        else:
+            tokens = total - first_token[i]
+            wanted = {
+                n: ((1, g.kv_heads, tokens, dim), dtype) for n, (dim, dtype) in g.planes(kv_bits, kv_group_size).items()
+            }
+        for name, (shape, dtype) in wanted.items():
             array = arrays[f"layers.{i}.{name}"]
             expected.add(f"layers.{i}.{name}")
-            if array.shape != (1, g.kv_heads, tokens, dim) or array.dtype != getattr(mx, dtype):
+            state = layer.kind.storage == "state"  # a state slot may be below its full size
+            if state:
+                fits = array.ndim == len(shape) and all(a <= b for a, b in zip(array.shape, shape))
+            else:
+                fits = tuple(array.shape) == shape
+            if not fits or array.dtype != getattr(mx, dtype):
                 raise ValueError(
-                    f"layer {i} plane {name} is {array.dtype} {tuple(array.shape)}, "
-                    f"expected {dtype} {(1, g.kv_heads, tokens, dim)}"
+                    f"layer {i} plane {name} is {array.dtype} {tuple(array.shape)}, expected {dtype} {shape}"
                 )
             layer_planes[name] = array
         planes.append(layer_planes)
@@ -297,5 +328,31 @@ def _structure(metadata: dict[str, str], arrays: dict[str, mx.array]) -> AgentFi
     if extra:
         raise ValueError(f"tensors the layout does not have: {extra[:5]}")
     return AgentFile(
-        agent_id, metadata["fingerprint"], spec, token_ids, first_token, planes, ring_index, kv_bits, kv_group_size
+        agent_id,
+        metadata["fingerprint"],
+        spec,
+        token_ids,
+        first_token,
+        planes,
+        ring_index,
+        kv_bits,
+        kv_group_size,
+        positions,
     )
+
+
+def _positions(metadata: dict[str, str], spec: ModelCacheSpec, total: int) -> dict[int, list[int]]:
+    """Each state layer's snapshot positions: increasing, within the history, the last at its end."""
+    raw = json.loads(metadata.get("positions", "{}"))
+    if not isinstance(raw, dict) or set(raw) != {str(i) for i in spec.state_layers}:
+        raise ValueError(f"positions must name exactly the recurrent layers {spec.state_layers}")
+    positions = {}
+    for key, value in raw.items():
+        if not isinstance(value, list) or not all(type(p) is int for p in value):
+            raise ValueError(f"positions of layer {key} are not a list of integers")
+        if any(b <= a for a, b in zip(value, value[1:])) or any(p < 1 or p > total for p in value):
+            raise ValueError(f"positions of layer {key} are not increasing within {total} tokens")
+        if total and (not value or value[-1] != total) or not total and value:
+            raise ValueError(f"layer {key} has no snapshot at its last token ({total})")
+        positions[int(key)] = value
+    return positions

@@ -52,6 +52,12 @@ DTYPES = {
     "bfloat16": ("BF16", np.uint16),
     "uint32": ("U32", np.uint32),
     "int32": ("I32", np.int32),
+    "int64": ("I64", np.int64),
+    "int16": ("I16", np.int16),
+    "int8": ("I8", np.int8),
+    "uint64": ("U64", np.uint64),
+    "uint16": ("U16", np.uint16),
+    "bool": ("BOOL", np.bool_),
     "uint8": ("U8", np.uint8),
 }
 BY_CODE = {code: (name, np_type) for name, (code, np_type) in DTYPES.items()}

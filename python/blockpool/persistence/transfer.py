@@ -75,6 +75,10 @@ def export_agent(pool: Any, agent: AgentBlocks, fingerprint: str) -> AgentFile:
     data = pool.block_arrays({layer: blocks for layer, blocks in agent.blocks.items() if blocks}) if total else {}
     first, planes = [], []
     for layer_id, layer in enumerate(spec.layers):
+        if layer.kind.storage == "state":  # its snapshots, as stored (small: no copy either)
+            first.append(0)
+            planes.append({f"{j}.{n}": a for j, blk in enumerate(data.get(layer_id, [])) for n, a in blk.items()})
+            continue
         start = agent.valid_start(layer_id)
         if total:
             offset = agent.first_block(layer_id) * b
@@ -100,6 +104,7 @@ def export_agent(pool: Any, agent: AgentBlocks, fingerprint: str) -> AgentFile:
         dict(agent.ring_index),
         pool.kv_bits,
         pool.kv_group_size,
+        {i: list(agent.positions.get(i, [])) for i in spec.state_layers},
     )
 
 
@@ -125,8 +130,14 @@ def import_agent(pool: Any, file: AgentFile) -> AgentBlocks:
         lo = file.first_token[layer_id] // b
         hi = -(-total // b)
         counts[layer_id], starts[layer_id] = hi - lo, lo * b
+    for layer_id in spec.state_layers:
+        counts[layer_id] = len(file.positions[layer_id])
     reserved = pool.reserve(counts, file.agent_id)
+    state_layers = set(spec.state_layers)
     try:
+        pool.write_states(
+            [(i, reserved[i], [file.state_at(i, p) for p in file.positions[i]]) for i in spec.state_layers if total]
+        )
         writes = [
             (
                 layer_id,
@@ -135,10 +146,10 @@ def import_agent(pool: Any, file: AgentFile) -> AgentBlocks:
                 file.first_token[layer_id] - starts[layer_id],
             )
             for layer_id in range(spec.num_layers)
-            if total > file.first_token[layer_id]
+            if total > file.first_token[layer_id] and layer_id not in state_layers
         ]
         pool.write_planes(writes)
-        valid_from = {i: file.first_token[i] for i in range(spec.num_layers)}
+        valid_from = {i: file.first_token[i] for i in range(spec.num_layers) if i not in state_layers}
         return AgentBlocks(
             file.agent_id,
             spec,
@@ -149,6 +160,7 @@ def import_agent(pool: Any, file: AgentFile) -> AgentBlocks:
             valid_from,
             pool_id=pool.id,
             generation=pool.new_handle_generation(),
+            positions={i: list(file.positions[i]) for i in spec.state_layers},
         )
     except Exception:
         pool.free([blk for blocks in reserved.values() for blk in blocks], file.agent_id)

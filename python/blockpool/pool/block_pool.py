@@ -30,6 +30,7 @@ from blockpool.block import AgentBlocks, KVBlock
 from blockpool.errors import InvalidRequestError, PoolExhaustedError
 from blockpool.pool.books import BlockBooks
 from blockpool.pool.budget import Budget, BudgetMethods
+from blockpool.pool.states import State, StateSlots
 from blockpool.pool.storage import BlockStorage
 from blockpool.pool.types import BlockWrite, PoolStats
 from blockpool.spec import ModelCacheSpec
@@ -77,6 +78,7 @@ class BlockPool(BudgetMethods):
         self._lock = threading.RLock()
         self._books = BlockBooks()
         self._storage = BlockStorage(spec, kv_bits, kv_group_size, self._books, self._lock)
+        self._states = StateSlots(self._storage, self._books, self._lock)
         self._budget = Budget(self.total_bytes, self.total_blocks, self._lock, self._evict_oldest_cached)
         ops.ensure_cache_limit(min(self.total_bytes, 1 << 30))
 
@@ -291,6 +293,14 @@ class BlockPool(BudgetMethods):
         """
         return self._storage.block_arrays(layer_blocks)
 
+    def read_states(self, layer_blocks: Mapping[int, Sequence[KVBlock]]) -> dict[int, list[State]]:
+        """The recurrent-state snapshots in blocks of state layers, as stored (no copy): per layer, per block."""
+        return self._states.read(layer_blocks)
+
+    def write_states(self, writes: Sequence[tuple[int, Sequence[KVBlock], Sequence[State]]]) -> None:
+        """Store recurrent-state snapshots (copies, evaluated) into blocks: ``(layer, blocks, states)`` each."""
+        self._states.write(writes)
+
     def write(self, writes: Sequence[BlockWrite]) -> None:
         """Write tokens into blocks, quantizing them if the pool is quantized.
 
@@ -344,6 +354,8 @@ def _check_arguments(
         raise InvalidRequestError(f"kv_group_size must be 32, 64 or 128, got {kv_group_size!r}")
     if kv_bits is not None:
         for g in spec.geometries:
+            if hasattr(g, "shapes"):
+                continue  # recurrent state is never quantized
             if g.k_head_dim % kv_group_size or g.v_head_dim % kv_group_size:
                 raise InvalidRequestError(
                     f"head dims {g.k_head_dim}/{g.v_head_dim} are not multiples of kv_group_size={kv_group_size}"

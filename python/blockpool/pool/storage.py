@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import mlx.core as mx
 
@@ -51,18 +52,25 @@ class BlockStorage:
         self.data: dict[int, Planes] = {}
         self._zero_blocks: dict[int, Planes] = {}
 
-    def expected_planes(self, layer_id: int) -> dict[str, tuple[int, str]]:
-        """A layer's planes as stored: name -> (last dim, dtype)."""
+    def expected_planes(self, layer_id: int) -> dict[str, tuple[Any, str]]:
+        """A layer's planes as stored: name -> (last dim, or a state slot's shape; dtype)."""
         return self.spec.layers[layer_id].geometry.planes(self.kv_bits, self.kv_group_size)
 
     @property
     def plane_names(self) -> list[str]:
-        return list(self.spec.geometries[0].planes(self.kv_bits, self.kv_group_size))
+        """The planes of a token layer's block (the same for every token geometry)."""
+        for g in self.spec.geometries:
+            if not hasattr(g, "shapes"):
+                return list(g.planes(self.kv_bits, self.kv_group_size))
+        return []
 
     def complete(self, key: int) -> Planes | None:
         """A block's arrays if every plane was written, else None."""
         data = self.data.get(key)
-        return data if data is not None and len(data) == len(self.plane_names) else None
+        layer = self._books.layer.get(key)
+        if data is None or layer is None:
+            return None
+        return data if len(data) == len(self.expected_planes(layer)) else None
 
     def zero_block(self, layer_id: int) -> Planes:
         """A block of zeros of a layer's geometry (spare room after a rebuilt history)."""

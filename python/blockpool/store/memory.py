@@ -165,21 +165,22 @@ class AgentMemory:
                 hot = None
         file = unwritten[0] if unwritten is not None else (loaded if hot is None else None)
         resume = choose_resume(tokens, hot, file, self._index)
-        queued, source = None, None
+        queued, source, newly_shared = None, None, []
         if resume.kind == "shared":
-            valid_from = self._index.valid_from(resume.shared, resume.keep)
-            source = AgentBlocks(
-                agent_id, self.spec, resume.shared, resume.keep, list(tokens[: resume.keep]), valid_from=valid_from
-            )
-            self.pool.share(source.all_blocks(), agent_id)
+            fields = self._index.handle_fields(resume.keep)
+            source = AgentBlocks(agent_id, self.spec, resume.shared, resume.keep, list(tokens[: resume.keep]), **fields)
+            # Some of the prefix may be the agent's own blocks (its hot handle holds them already).
+            own = set(hot.all_blocks()) if hot is not None else set()
+            newly_shared = [b for b in source.all_blocks() if b not in own]
+            self.pool.share(newly_shared, agent_id)
         elif resume.kind != "cold":
             queued, source = queue_own(self.pool, self._spiller, agent_id, tokens[: resume.keep], hot, file, unwritten)
             tiers.queued[agent_id] = queued
         try:
             uid = self.engine.submit(agent_id, tokens[resume.keep :], cache=source, **generation_args)
         except BaseException:
-            if resume.kind == "shared":
-                self.pool.release(source)
+            if newly_shared:
+                self.pool.free(newly_shared, agent_id)
             if queued is not None:
                 tiers.queued.pop(agent_id, None)
                 if queued.charge is not None and unwritten is None:
@@ -191,7 +192,9 @@ class AgentMemory:
             tiers.hot.pop(agent_id, None)
             tiers.unwritten.pop(agent_id, None)
         elif hot is not None:  # superseded by a longer shared prefix, or nothing in common
-            tiers.drop_hot(agent_id)
+            tiers.hot.pop(agent_id)
+            kept = set(source.all_blocks()) if source is not None else set()
+            self.pool.free([b for b in hot.all_blocks() if b not in kept], agent_id)
         tiers.busy[uid] = agent_id
         tiers.sources[uid] = resume.kind
         return uid

@@ -14,12 +14,17 @@ memory, so a prefix outlives the agents that held it, e.g. while they sit
 on disk. A sliding-window layer's block may hold only its later tokens
 (older ones were never stored); each entry records from which position its
 tokens are valid, and a prefix is only shared if every window it needs is.
+A recurrent layer's checkpoint is indexed with the block that ends at its
+position, so a prefix of a hybrid model is shared only at a checkpoint.
+Which units a layer records and needs is its cache kind's rule
+(``index_units``, ``lookup_units``).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -47,21 +52,19 @@ class PrefixIndex:
         ] = {}  # key -> layer -> (block, generation, valid from)
 
     def register(self, agent: AgentBlocks) -> None:
-        """Index the full blocks an agent holds."""
+        """Index what an agent holds of its full blocks (and the checkpoints that end at them)."""
         b = agent.spec.block_tokens
-        full = agent.total_tokens // b
-        keys = chain_hashes(agent.token_ids, full, b)
+        keys = chain_hashes(agent.token_ids, agent.total_tokens // b, b)
         indexed = []
-        for layer_id, blocks in agent.blocks.items():
-            first = agent.first_block(layer_id)
-            valid = agent.valid_start(layer_id)
-            for j in range(max(first, valid // b), min(full, first + len(blocks))):
+        for layer_id in range(agent.spec.num_layers):
+            for j, (block, valid) in agent.spec.kind(layer_id).index_units(agent, layer_id).items():
+                if j >= len(keys):
+                    continue
                 entry = self._entries.setdefault(keys[j], {})
                 known = entry.get(layer_id)
-                block = blocks[j - first]
                 indexed.append(block)
                 if known is None or not self._alive(*known):
-                    entry[layer_id] = (block, self.pool.generation(block), max(valid, j * b))
+                    entry[layer_id] = (block, self.pool.generation(block), valid)
         self.pool.mark_cacheable(indexed)
         if len(self._entries) > 4 * self.pool.total_blocks:
             self._prune()
@@ -72,38 +75,41 @@ class PrefixIndex:
         Returns:
             Its length, and per layer the blocks an agent resuming at that
             length needs (every block for a full layer, the window's blocks
-            for a sliding one). ``(0, {})`` when nothing matches.
+            for a sliding one, the checkpoint at that length for a recurrent
+            one). ``(0, {})`` when nothing matches.
         """
         spec = self.pool.spec
         b = spec.block_tokens
         keys = chain_hashes(tokens, max(0, limit) // b, b)
         # Layers that keep every block need every block of the chain: it ends where one is missing.
-        unbounded = [i for i in range(spec.num_layers) if spec.max_blocks(i) is None]
+        required = [i for i in range(spec.num_layers) if spec.kind(i).chain_required()]
         chain: list[dict[int, tuple[KVBlock, int]]] = []
         for key in keys:
             entry = self._entries.get(key, {})
             live = {layer: (blk, valid) for layer, (blk, gen, valid) in entry.items() if self._alive(blk, gen)}
-            if not all(layer in live for layer in unbounded):
+            if not live or not all(layer in live for layer in required):
                 break
             chain.append(live)
         for j in range(len(chain) - 1, -1, -1):  # longest first
             length = (j + 1) * b
             blocks: dict[int, list[KVBlock]] = {}
             for layer_id in range(spec.num_layers):
-                lo, hi = spec.block_range(layer_id, length)
-                needed_from = spec.kind(layer_id).first_needed(length)
-                picked = [chain[i].get(layer_id) for i in range(lo, hi)]
-                if any(p is None or p[1] > max(needed_from, i * b) for i, p in zip(range(lo, hi), picked)):
+                found = spec.kind(layer_id).lookup_units(chain[: j + 1], layer_id, length, b)
+                if found is None:
                     break
-                blocks[layer_id] = [blk for blk, _ in picked]
+                blocks[layer_id] = found
             else:
                 return length, blocks
         return 0, {}
 
-    def valid_from(self, blocks: dict[int, list[KVBlock]], length: int) -> dict[int, int]:
-        """For a prefix :meth:`lookup` returned, the first position each layer's blocks hold."""
+    def handle_fields(self, length: int) -> dict[str, dict[int, Any]]:
+        """For a prefix :meth:`lookup` returned: the handle's ``valid_from`` (token layers) and
+        ``positions`` (recurrent layers: the checkpoint at ``length``)."""
         spec = self.pool.spec
-        return {i: spec.kind(i).first_needed(length) for i in range(spec.num_layers)}
+        valid_from = {
+            i: spec.kind(i).first_needed(length) for i in range(spec.num_layers) if spec.kind(i).storage == "tokens"
+        }
+        return {"valid_from": valid_from, "positions": {i: [length] for i in spec.state_layers}}
 
     def _alive(self, block: KVBlock, generation: int, valid_from: int = 0) -> bool:
         return self.pool.is_live(block, generation)

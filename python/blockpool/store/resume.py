@@ -2,8 +2,10 @@
 
 :func:`choose_resume` decides, from what the store has for the agent (hot
 blocks, an in-memory copy, a file read from disk) and what the prefix index
-holds: the longest common token prefix of the agent's cache and the prompt,
-unless other agents' blocks hold a longer one (a shared system prompt, even
+holds: the longest common token prefix of the agent's cache and the prompt
+(cut back to where every layer can resume exactly: for a recurrent layer,
+its last checkpoint at or before the divergence), unless other agents'
+blocks hold a longer one (a shared system prompt, even
 blocks freed but still cached), at least one token always left to prefill.
 A queued agent's own cache reaches the engine as a :class:`QueuedHistory`,
 which the engine fetches only at admission.
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blockpool.block import AgentBlocks
-from blockpool.cache_conversion import can_resume
+from blockpool.cache_conversion import resume_point
 from blockpool.store.tiers import Queued
 
 
@@ -91,11 +93,15 @@ def choose_resume(tokens: Sequence[int], hot: AgentBlocks | None, file: Any, ind
         index: The prefix index.
     """
     limit = len(tokens) - 1  # at least one token is prefilled
-    own_tokens = hot.token_ids if hot is not None else (file.token_ids if file is not None else [])
-    own = min(common_prefix(own_tokens, tokens), limit)
+    own_cache = hot if hot is not None else file
+    own = 0
+    if own_cache is not None:
+        # The longest common prefix, cut back to where every layer can resume from (a recurrent layer:
+        # its last checkpoint at or before the divergence); the rest is recomputed.
+        own = resume_point(own_cache, min(common_prefix(own_cache.token_ids, tokens), limit))
     length, shared = index.lookup(tokens, limit)
     if length > own:
         return Resume("shared", length, shared)
-    if own > 0 and can_resume(hot if hot is not None else file, own):
+    if own > 0:
         return Resume("pool" if hot is not None else "disk", own)
     return Resume("cold", 0)
