@@ -8,6 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm.generate import generation_stream
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import tiny_models  # noqa: E402  (the tests' tiny model builder)
@@ -15,6 +16,13 @@ import tiny_models  # noqa: E402  (the tests' tiny model builder)
 # EXP-006: Gemma-3-12B-like KV geometry, float16, 256-token blocks.
 HEADS, BLOCK_TOKENS, HEAD_DIM, DTYPE = 8, 256, 128, mx.float16
 ITEMSIZE = 2
+
+
+def idle() -> None:
+    """Wait for every stream the contenders use: mlx-lm (and the engine) generate on their own stream,
+    which ``mx.synchronize()`` alone does not wait for, and an abandoned generator leaves a step running there."""
+    mx.synchronize()
+    mx.synchronize(generation_stream)
 
 
 def record(benchmark, nbytes: int) -> None:

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import time
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.generate import BatchGenerator, stream_generate
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from blockpool import AgentBlocks, BlockPool, BlockPoolBatchEngine, ModelCacheSpec, to_mlx_caches
-from conftest import record_seconds, tokens
+from conftest import idle, record_seconds, tokens
 
 HISTORY, DECODE_AGENTS, DECODE_TOKENS = 4096, 8, 64
 
@@ -65,7 +64,7 @@ def test_ttft_warm_engine_vs_mlx_lm_prompt_cache(benchmark, warm_agent, llama, n
         handle = AgentBlocks(
             agent, template.spec, {k: list(v) for k, v in template.blocks.items()}, HISTORY, list(template.token_ids)
         )
-        mx.synchronize()  # each side starts on an idle device: mlx-lm's abandoned generator leaves a step running
+        idle()  # each side starts on an idle device: mlx-lm's abandoned generator leaves a step running
         start = time.perf_counter()
         engine.submit(agent, prompt, cache=handle, max_tokens=2)
         events = engine.stream()
@@ -75,13 +74,13 @@ def test_ttft_warm_engine_vs_mlx_lm_prompt_cache(benchmark, warm_agent, llama, n
             if event.completion:
                 pool.release(event.completion.blocks)
 
-        mx.synchronize()
+        idle()
         start = time.perf_counter()
         next(iter(stream_generate(model, tokenizer, prompt, max_tokens=1, prompt_cache=cache)))
         times["mlx_lm"].append(time.perf_counter() - start)
         trim_prompt_cache(cache, cache[0].offset - HISTORY)
 
-        mx.synchronize()
+        idle()
         start = time.perf_counter()
         rebuilt = to_mlx_caches(pool, template, spare_tokens=new + 1)
         next(iter(stream_generate(model, tokenizer, prompt, max_tokens=1, prompt_cache=rebuilt)))

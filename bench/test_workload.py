@@ -38,7 +38,7 @@ from mlx_lm.generate import BatchGenerator, stream_generate
 from mlx_lm.models.cache import LRUPromptCache, load_prompt_cache, make_prompt_cache, save_prompt_cache
 
 from blockpool import AgentMemory, BlockPool, BlockPoolBatchEngine, ModelCacheSpec
-from conftest import tokens
+from conftest import idle, tokens
 
 AGENTS, TURNS, SYSTEM, NEW, GENERATED = 6, 4, 1024, 48, 16
 BUDGET = 4 << 20  # sequential: bytes of KV memory for blockpool, and the LRU's byte limit
@@ -106,12 +106,12 @@ def allowance(llama):
     model, tokenizer = llama
     prompt = Workload().histories["agent-0"] + tokens(NEW, 0)
     cache = make_prompt_cache(model)
-    mx.synchronize()
+    idle()
     mx.reset_peak_memory()
     base = mx.get_active_memory()
     for _ in stream_generate(model, tokenizer, prompt, max_tokens=GENERATED, prompt_cache=cache):
         pass
-    mx.synchronize()
+    idle()
     return max(0, mx.get_peak_memory() - base - _nbytes(cache))
 
 
@@ -125,7 +125,7 @@ def batched_allowance(llama):
     model, tokenizer = llama
     prompts = list(next(Workload().rounds()).values())
     stop = [[t] for t in sorted(tokenizer.eos_token_ids)]
-    mx.synchronize()
+    idle()
     mx.reset_peak_memory()
     base = mx.get_active_memory()
     generator = BatchGenerator(model, stop_tokens=stop)
@@ -134,7 +134,7 @@ def batched_allowance(llama):
     while responses := generator.next_generated():
         kv += sum(_nbytes(r.prompt_cache) for r in responses if r.finish_reason is not None)
     generator.close()
-    mx.synchronize()
+    idle()
     return max(0, mx.get_peak_memory() - base - kv)
 
 
@@ -232,7 +232,7 @@ def test_mlx_lm_server_lru_prompt_cache(benchmark, llama, reference):
 def _blockpool_sequential(work, model, tokenizer, budget, cache_dir):
     pool = BlockPool(ModelCacheSpec.from_model(model), memory_bytes=budget)
     memory = AgentMemory(BlockPoolBatchEngine(model, tokenizer, pool), cache_dir=cache_dir)
-    mx.synchronize()
+    idle()
     mx.reset_peak_memory()
     base = mx.get_active_memory()
     for agent, prompt in work.turns():
@@ -328,7 +328,7 @@ def test_blockpool_all_at_once(benchmark, llama, reference, batched_allowance):
     def run(work):
         pool = BlockPool(ModelCacheSpec.from_model(model), memory_bytes=CONCURRENT_BUDGET)
         memory = AgentMemory(BlockPoolBatchEngine(model, tokenizer, pool))
-        mx.synchronize()
+        idle()
         mx.reset_peak_memory()
         base = mx.get_active_memory()
         for prompts in work.rounds():

@@ -227,6 +227,8 @@ def as_id_list(ids: Any) -> list[int]:
         return [int(t) for t in ids]
     if isinstance(ids, str) or not isinstance(ids, Sequence):
         raise InvalidRequestError(f"a prompt must be text, token ids or chat messages, got {type(ids).__name__}")
+    if set(map(type, ids)) <= {int}:  # the common case, checked at C speed (bool is its own type)
+        return list(ids)
     out = []
     for t in ids:
         if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
@@ -244,6 +246,8 @@ def vocab_size_of(model: Any) -> int | None:
 def _check_ids(ids: list[int], vocab_size: int | None) -> list[int]:
     if not ids:
         raise InvalidRequestError("Prompt cannot be empty")  # the seed's wording
+    if min(ids) >= 0 and (vocab_size is None or max(ids) < vocab_size):
+        return ids
     bad = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
     if bad:
         bound = f"[0, {vocab_size})" if vocab_size is not None else "[0, vocab size)"

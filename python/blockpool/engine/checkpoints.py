@@ -24,6 +24,29 @@ from blockpool.errors import PoolExhaustedError
 log = logging.getLogger("blockpool.engine")
 
 
+#: Checkpoints may add at most this share of the memory of the K and V blocks they come between.
+CHECKPOINT_SHARE = 0.25
+#: The interval of a model with no K and V at all (recurrent layers only), in blocks.
+STATE_ONLY_BLOCKS = 4
+
+
+def auto_checkpoint_blocks(spec: Any) -> int:
+    """The default checkpoint interval: the fewest blocks whose K and V take at least 1 / CHECKPOINT_SHARE
+    times a checkpoint's bytes (one snapshot per recurrent layer); STATE_ONLY_BLOCKS without K and V.
+
+    Measured on the suite's tiny Qwen3.5-like model (4,096-token prompt, two CPU cores): prefill took
+    1.39 s without grid checkpoints, 1.41 s with one every 4 blocks and 1.41 s with one every block,
+    so their time is negligible and their memory decides. There a checkpoint is 5,632 bytes against
+    65,536 bytes of K and V per block: one per block. A Qwen3-Next-sized layout gets one every few
+    dozen blocks.
+    """
+    state = sum(spec.bytes_per_block(i) for i in spec.state_layers)
+    kv = sum(spec.bytes_per_block(i) for i in range(spec.num_layers) if spec.kind(i).storage == "tokens")
+    if not kv:
+        return STATE_ONLY_BLOCKS
+    return max(1, -(-int(state / CHECKPOINT_SHARE) // kv))
+
+
 class Checkpointer:
     """Checkpoint positions and snapshots for one engine.
 

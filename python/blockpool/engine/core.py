@@ -32,7 +32,6 @@ resumable at any point: events not yet handed out stay queued.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import threading
 from collections.abc import Iterator, Sequence
@@ -41,24 +40,25 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import generation_stream
-from mlx_lm.generate_utils import BatchCountersSnapshot, BatchStats
 
 from blockpool.block import AgentBlocks
 from blockpool.engine.batch import LogitsProcessor, Sampler
 from blockpool.engine.batch_check import batch_support
-from blockpool.engine.checkpoints import Checkpointer
+from blockpool.engine.checkpoints import Checkpointer, auto_checkpoint_blocks
 from blockpool.engine.driving import DriveGuard
 from blockpool.engine.intake import (
     Intake,
+    batch_sizes,
     check_arguments,
     check_checkpoint_blocks,
     check_engine_sizes,
     check_max_waiting,
 )
+from blockpool.engine.introspection import EngineIntrospection
 from blockpool.engine.output import Endings, EventQueue
 from blockpool.engine.scheduler import Scheduler, default_max_waiting
 from blockpool.engine.step import Stepper
-from blockpool.engine.types import CompletedGeneration, GenerationEvent, ProgressCallback, Request, RequestState
+from blockpool.engine.types import CompletedGeneration, GenerationEvent, ProgressCallback, Request
 from blockpool.errors import IncompatibleCacheError, InvalidRequestError
 from blockpool.pool import BlockPool
 from blockpool.prompt import vocab_size_of
@@ -66,11 +66,8 @@ from blockpool.spec import ModelCacheSpec
 
 _DEFAULT = object()
 
-#: Blocks between two recurrent checkpoints while a prompt is prefilled (see ``docs/models.md`` for the measurement).
-DEFAULT_CHECKPOINT_BLOCKS = 4
 
-
-class BlockPoolBatchEngine:
+class BlockPoolBatchEngine(EngineIntrospection):
     """Continuous-batching generation for many agents over one :class:`BlockPool`.
 
     Args:
@@ -90,7 +87,10 @@ class BlockPoolBatchEngine:
             a prompt that diverges from an agent's history, or a shared
             prefix, resumes from the last checkpoint before the divergence
             (None: only where prompts and turns end). Each checkpoint costs
-            one state per recurrent layer of the budget.
+            one state per recurrent layer of the budget. ``"auto"`` (the
+            default): the fewest blocks whose K and V take at least four
+            times a checkpoint's bytes, so checkpoints add at most a quarter
+            to an agent's memory (:func:`~blockpool.engine.checkpoints.auto_checkpoint_blocks`).
 
     Raises:
         IncompatibleCacheError: The pool was made for another cache layout.
@@ -106,7 +106,7 @@ class BlockPoolBatchEngine:
         prefill_batch_size: int = 8,
         prefill_step_size: int = 2048,
         max_waiting: int | None = _DEFAULT,  # type: ignore[assignment]
-        checkpoint_blocks: int | None = DEFAULT_CHECKPOINT_BLOCKS,
+        checkpoint_blocks: int | str | None = "auto",
     ):
         check_engine_sizes(completion_batch_size, prefill_batch_size, prefill_step_size)
         if max_waiting is _DEFAULT:
@@ -119,6 +119,8 @@ class BlockPoolBatchEngine:
         self.model, self.tokenizer, self.pool, self.spec = model, tokenizer, pool, spec
         self.completion_batch_size, self.prefill_batch_size = completion_batch_size, prefill_batch_size
         self.prefill_step_size, self.max_waiting = prefill_step_size, max_waiting
+        if checkpoint_blocks == "auto":
+            checkpoint_blocks = auto_checkpoint_blocks(spec) if spec.state_layers else None
         self.checkpoint_blocks = checkpoint_blocks
         every = checkpoint_blocks * spec.block_tokens if checkpoint_blocks else None
         self.vocab_size = vocab_size_of(model)  # token ids the model embeds (None: unknown)
@@ -128,12 +130,8 @@ class BlockPoolBatchEngine:
         self._agents_in_flight: set[str] = set()
         self._events = EventQueue()
         self._intake = Intake(spec, pool, tokenizer, self.vocab_size)
-        sizes = dict(completion_batch_size=completion_batch_size, prefill_batch_size=prefill_batch_size)
         self.batching = batch_support(model, spec)  # what this model's mlx-lm code batches exactly
-        if not self.batching.decode:
-            sizes = dict(completion_batch_size=1, prefill_batch_size=1)
-        elif not self.batching.padded_prefill:
-            sizes["prefill_batch_size"] = 1
+        sizes = batch_sizes(self.batching, completion_batch_size, prefill_batch_size)
         self._scheduler = Scheduler(
             spec, pool, self._lock, **sizes, prefill_step_size=prefill_step_size, max_waiting=max_waiting, every=every
         )
@@ -142,8 +140,7 @@ class BlockPoolBatchEngine:
         self._stepper = Stepper(
             model, spec, pool, self._scheduler, self._events, endings, set(tokenizer.eos_token_ids), checkpoints
         )
-        self._endings = endings
-        self._guard = DriveGuard()
+        self._endings, self._guard = endings, DriveGuard()
         self._closed = False
 
     # ------------------------------------------------------------ requests
@@ -249,72 +246,6 @@ class BlockPoolBatchEngine:
             InvalidRequestError: An empty prompt, bytes, ids outside the vocabulary, ...
         """
         return self._intake.tokenize(prompt, resume=resume)
-
-    # ------------------------------------------------------------ introspection
-
-    @property
-    def in_flight(self) -> int:
-        """Requests submitted and not yet handed out as completed."""
-        with self._lock:
-            return len(self._requests) + self._events.completions_pending()
-
-    def waiting_uids(self) -> list[int]:
-        """The uids of the requests waiting for room, first in line first."""
-        with self._lock:
-            return [r.uid for r in self._scheduler.waiting]
-
-    @property
-    def waiting(self) -> int:
-        """Requests waiting for room."""
-        with self._lock:
-            return len(self._scheduler.waiting)
-
-    def request_state(self, uid: int) -> RequestState | None:
-        """Where a request in flight is (None once it has ended)."""
-        with self._lock:
-            request = self._requests.get(uid)
-            if request is None:
-                return None
-            admission = self._stepper.admission
-            if request in self._scheduler.waiting:
-                state = "waiting"
-            elif admission is not None and request in admission.requests:
-                state = "prefilling"
-            else:
-                state = "running"
-            return RequestState(state, request.preemptions, len(request.tokens))
-
-    def request_tokens(self, uid: int) -> int:
-        """Tokens a request's agent will hold if it ended now (history, prompt, generated); 0 if unknown."""
-        with self._lock:
-            request = self._requests.get(uid)
-            return 0 if request is None else request.total_tokens
-
-    def request_bytes(self, history_tokens: int, prompt_tokens: int, max_tokens: int) -> int:
-        """The most memory a request can take alone: its blocks, its working cache and one layer's copy.
-
-        ``submit`` refuses a request for which this exceeds the pool's budget.
-        """
-        return self._scheduler.request_bytes(history_tokens + prompt_tokens + max_tokens)
-
-    def fits_ever(self, history_tokens: int, prompt_tokens: int, max_tokens: int) -> bool:
-        """Whether such a request could finish alone in an empty pool (else ``submit`` refuses it)."""
-        return self.request_bytes(history_tokens, prompt_tokens, max_tokens) <= self.pool.total_bytes
-
-    @property
-    def batch_cache_nbytes(self) -> int:
-        """Bytes of KV the running requests hold outside blocks (their working caches)."""
-        return self._stepper.nbytes
-
-    @contextlib.contextmanager
-    def stats(self) -> Iterator[BatchStats]:
-        """mlx-lm's ``BatchStats`` for the work done while the block runs (prompt and decode tokens, speeds)."""
-        stats = BatchStats()
-        start = BatchCountersSnapshot(**self._stepper.counters_snapshot())
-        try:
-            yield stats
-        finally:
-            stats += BatchCountersSnapshot.between(start, BatchCountersSnapshot(**self._stepper.counters_snapshot()))
 
     # ------------------------------------------------------------ driving
 

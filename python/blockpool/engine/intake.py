@@ -73,9 +73,20 @@ def check_max_waiting(max_waiting: Any) -> None:
 
 
 def check_checkpoint_blocks(blocks: Any) -> None:
-    """The recurrent checkpoint interval: None or an integer >= 1 (in blocks)."""
-    if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1):
-        raise InvalidRequestError(f"checkpoint_blocks must be None or an integer >= 1, got {blocks!r}")
+    """The recurrent checkpoint interval: ``"auto"``, None or an integer >= 1 (in blocks)."""
+    if blocks == "auto" or blocks is None:
+        return
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise InvalidRequestError(f'checkpoint_blocks must be "auto", None or an integer >= 1, got {blocks!r}')
+
+
+def batch_sizes(batching: Any, completion_batch_size: int, prefill_batch_size: int) -> dict[str, int]:
+    """The batch sizes the engine runs with: what the model's once-per-model check
+    (:func:`~blockpool.engine.batch_check.batch_support`) found exact, within what was asked for."""
+    if not batching.decode:
+        return {"completion_batch_size": 1, "prefill_batch_size": 1}
+    prefill = prefill_batch_size if batching.padded_prefill else 1
+    return {"completion_batch_size": completion_batch_size, "prefill_batch_size": prefill}
 
 
 class Intake:

@@ -34,6 +34,7 @@ from blockpool.cache_conversion import extend_blocks, plan_extension
 from blockpool.engine.batch import DecodeBatch, Row
 from blockpool.engine.checkpoints import Checkpointer
 from blockpool.engine.history import rebuild_caches
+from blockpool.engine.interruptions import Interruptions
 from blockpool.engine.output import Endings, EventQueue, on_token
 from blockpool.engine.scheduler import Admit, Readmit, Refuse, Scheduler
 from blockpool.engine.types import Request
@@ -48,7 +49,7 @@ class PromptBatch:
     batch: DecodeBatch
 
 
-class Stepper:
+class Stepper(Interruptions):
     """Runs one engine's iterations: the running batch, the prompt batch being prefilled, and their memory."""
 
     def __init__(
@@ -107,45 +108,6 @@ class Stepper:
             busy = self._prefill() or busy
         if not busy:  # everything waits for room that background work (a spill) is freeing
             self.pool.wait_for_release(0.05)
-
-    # ------------------------------------------------------------ cancels and failures
-
-    def _cancel_flagged(self) -> None:
-        admission = self.admission
-        if admission is not None and any(r.cancel for r in admission.requests):
-            gone = [i for i, r in enumerate(admission.requests) if r.cancel]
-            if len(gone) == len(admission.requests):
-                self._drop_admission(reason="cancelled")
-            else:
-                ended = [admission.requests[i] for i in gone]
-                admission.batch.remove(gone)
-                admission.requests = [r for r in admission.requests if not r.cancel]
-                for request in ended:
-                    self.endings.abandon(request, "cancelled")
-                self.charge()
-        rows = [i for i, row in enumerate(self.batch.rows) if row.owner.cancel]
-        if rows:
-            gone_requests = [self.batch.rows[i].owner for i in rows]
-            self.batch.remove(rows)
-            for request in gone_requests:
-                self.endings.abandon(request, "cancelled")
-            self.charge()
-
-    def fail_batch(self, error: BaseException) -> None:
-        """The model failed (or was interrupted) mid-step: end every running request, keep their histories."""
-        failed = [row.owner for row in self.batch.rows]
-        self.batch = DecodeBatch(self.model, self.spec)
-        self.charge()
-        for request in failed:
-            self.endings.abandon(request, "error", error)
-
-    def _drop_admission(self, error: BaseException | None = None, reason: str = "error") -> None:
-        """End the admitted group (its prefill failed, or all were cancelled) and free the working memory it held."""
-        admission, self.admission = self.admission, None
-        self._join_reserved = 0
-        self.charge()
-        for request in admission.requests if admission else []:
-            self.endings.abandon(request, reason, error)
 
     # ------------------------------------------------------------ decode
 

@@ -105,6 +105,10 @@ class CacheKind(ABC):
     def describe(self) -> dict[str, Any]:
         """The kind's parameters as JSON-ready fields of a layer description."""
 
+    @abstractmethod
+    def keeps(self) -> str:
+        """What a layer of this kind keeps of an agent's history, in words (``blockpool doctor`` says it)."""
+
     # ------------------------------------------------------------ sizes
 
     @abstractmethod

@@ -44,6 +44,9 @@ class ChunkedAttention(TokenKind):
     def needs_nothing_at(self, tokens: int) -> int:
         return self.first_needed(tokens)  # a chunk's start: the last one at or before ``tokens``
 
+    def keeps(self) -> str:
+        return f"K and V of the current chunk of {self.chunk} tokens"
+
     def max_blocks(self, block_tokens: int) -> int | None:
         return blocks_for(self.chunk, block_tokens) + 1
 

@@ -39,6 +39,9 @@ class FullAttention(TokenKind):
     def max_blocks(self, block_tokens: int) -> int | None:
         return None
 
+    def keeps(self) -> str:
+        return "every token's K and V"
+
     def chain_required(self) -> bool:
         return True
 

@@ -59,6 +59,9 @@ class RecurrentState(CacheKind):
     def describe(self) -> dict[str, Any]:
         return {"kind": "recurrent", "slots": self.slots}
 
+    def keeps(self) -> str:
+        return f"snapshots of its {self.slots}-slot state: at the last token, on the checkpoint grid, where prompts end"
+
     # ------------------------------------------------------------ sizes
 
     def blocks_held(self, tokens: int, block_tokens: int) -> int:

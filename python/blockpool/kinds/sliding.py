@@ -39,6 +39,9 @@ class SlidingWindow(TokenKind):
     def first_needed(self, tokens: int) -> int:
         return max(0, tokens - self.window)
 
+    def keeps(self) -> str:
+        return f"K and V of the last {self.window} tokens"
+
     def max_blocks(self, block_tokens: int) -> int | None:
         # A window that starts mid-block straddles one more block than it fills.
         return blocks_for(self.window, block_tokens) + 1

@@ -35,6 +35,9 @@ class UnusedCache(TokenKind):
     def describe(self) -> dict[str, Any]:
         return {"window": None, "kind": "unused"}
 
+    def keeps(self) -> str:
+        return "nothing: the model never fills it"
+
     def first_needed(self, tokens: int) -> int:
         return tokens
 

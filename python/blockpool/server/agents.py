@@ -21,6 +21,7 @@ import uuid
 from collections import OrderedDict
 
 from blockpool.server.api_errors import bad_request
+from blockpool.store.resume import common_prefix
 
 #: Prefix of the ids the server gives anonymous conversations; refused as a client-chosen id.
 ANONYMOUS_PREFIX = "anonymous-"
@@ -76,7 +77,7 @@ class AnonymousAgents:
         """
         best, best_len = None, 0
         for agent_id, history in self._histories.items():
-            common = _common_prefix(history, tokens)
+            common = common_prefix(history, tokens)
             if common > best_len and 2 * common >= len(history):
                 best, best_len = agent_id, common
         if best is not None:
@@ -103,11 +104,3 @@ class AnonymousAgents:
 
     def __len__(self) -> int:
         return len(self._histories)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n

@@ -56,6 +56,7 @@ class MemoryStats:
     shared_blocks: int
     bytes_in_use: int
     bytes_saved_by_sharing: int  # what the agents' blocks would take unshared, minus what they take
+    checkpoint_bytes: int = 0  # recurrent-state snapshots idle agents keep besides their last one
 
 
 class AgentMemory:
@@ -323,7 +324,7 @@ class AgentMemory:
             raise error
 
     def stats(self) -> MemoryStats:
-        """Agents per tier, and the bytes shared blocks save."""
+        """Agents per tier, the bytes shared blocks save, and the bytes recurrent checkpoints hold."""
         with self._lock:
             pool = self.pool.stats()
             per_agent = sum(a.bytes for a in pool.agents.values())
@@ -334,6 +335,7 @@ class AgentMemory:
                 pool.shared_blocks,
                 pool.used_bytes,
                 max(0, per_agent - pool.block_bytes),
+                self._tiers.checkpoint_bytes(),
             )
 
     def tokenize(self, prompt: Prompt, **template_args: Any) -> list[int]:

@@ -35,9 +35,12 @@ from blockpool.pool import BlockPool
 def chain_hashes(tokens: Sequence[int], num_blocks: int, block_tokens: int) -> list[bytes]:
     """The chained keys of the first ``num_blocks`` full blocks of ``tokens``."""
     keys, parent = [], b""
+    if num_blocks <= 0:
+        return keys
+    data = np.asarray(tokens[: num_blocks * block_tokens], dtype=np.int64).tobytes()  # one conversion
+    step = block_tokens * 8
     for j in range(num_blocks):
-        chunk = np.asarray(tokens[j * block_tokens : (j + 1) * block_tokens], dtype=np.int64)
-        parent = hashlib.sha256(parent + chunk.tobytes()).digest()
+        parent = hashlib.sha256(parent + data[j * step : (j + 1) * step]).digest()
         keys.append(parent)
     return keys
 

@@ -76,11 +76,14 @@ def queue_own(
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of two token sequences."""
     n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    a, b = list(a[:n]), list(b[:n])
+    if a == b:  # a returning agent's usual case, compared at C speed
+        return n
+    step = 256
+    start = next(i for i in range(0, n, step) if a[i : i + step] != b[i : i + step])  # slices compare in C
+    return next(i for i in range(start, min(start + step, n)) if a[i] != b[i])
 
 
 def choose_resume(tokens: Sequence[int], hot: AgentBlocks | None, file: Any, index: Any) -> Resume:
@@ -99,7 +102,8 @@ def choose_resume(tokens: Sequence[int], hot: AgentBlocks | None, file: Any, ind
         # The longest common prefix, cut back to where every layer can resume from (a recurrent layer:
         # its last checkpoint at or before the divergence); the rest is recomputed.
         own = resume_point(own_cache, min(common_prefix(own_cache.token_ids, tokens), limit))
-    length, shared = index.lookup(tokens, limit)
+    whole = limit - limit % index.pool.spec.block_tokens  # the prefix index holds whole blocks only
+    length, shared = index.lookup(tokens, limit) if own < whole else (0, {})
     if length > own:
         return Resume("shared", length, shared)
     if own > 0:

@@ -108,6 +108,15 @@ class Tiers:
             seen[agent_id] = AgentInfo(agent_id, "pool", len(file.token_ids), file.nbytes, False)
         return list(seen.values())
 
+    def checkpoint_bytes(self) -> int:
+        """Bytes of the recurrent snapshots hot agents hold besides each one's last (shared ones counted once)."""
+        seen: dict[Any, int] = {}
+        for blocks in self.hot.values():
+            for layer_id in blocks.spec.state_layers:
+                for block in blocks.blocks[layer_id][:-1]:
+                    seen[block] = self.pool.bytes_per_block(layer_id)
+        return sum(seen.values())
+
     def keep_hot(self, agent_id: str, blocks: AgentBlocks) -> None:
         self.hot[agent_id] = blocks
         self.hot.move_to_end(agent_id)
