@@ -327,10 +327,12 @@ def _(w):
     assert (info.agent_id, info.where, info.tokens) == ("a", "pool", 8)
 
 
-@row("AgentMemory.spill", "AgentMemory.forget")
+@row("AgentMemory.spill", "AgentMemory.forget", "AgentMemory.file_bytes")
 def _(w):
     w.hot_agent()
     assert w.memory.spill("a") is True and w.memory.where("a") == "disk"
+    (size,) = w.memory.file_bytes().values()
+    assert size == next(p for p in w.memory.cache_dir.glob("*.safetensors")).stat().st_size
     w.memory.forget("a")
     assert w.memory.where("a") == "none"
 

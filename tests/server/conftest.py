@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from server_process import ServerProcess  # noqa: E402
+from server_process import ServerProcess, stop_all  # noqa: E402
 
 import tiny_models  # noqa: E402
 from mlx_lm_reference import mlx_lm_text, mlx_lm_tokens  # noqa: E402
@@ -68,8 +68,12 @@ def start_server(model_dir, tmp_path_factory):
         return server.start()
 
     yield start
-    for server in started:
-        try:
-            server.stop(timeout=60)
-        except Exception:
-            server.kill()
+    stop_all(started)
+
+
+@pytest.fixture(scope="session")
+def tool_model_dir(tmp_path_factory) -> Path:
+    """A tiny llama trained to call tools and to think (``tests/tool_model.py``), with a json_tools parser."""
+    import tool_model
+
+    return tool_model.write_tool_model_dir(tmp_path_factory.mktemp("tool-model"))

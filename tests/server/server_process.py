@@ -47,6 +47,15 @@ def concurrently(function: Any, calls: list[tuple]) -> list[BaseException]:
     return errors
 
 
+def stop_all(servers: list[ServerProcess]) -> None:
+    """Stop each server (kill the ones that will not stop)."""
+    for server in servers:
+        try:
+            server.stop(timeout=60)
+        except Exception:
+            server.kill()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

@@ -41,7 +41,11 @@ def test_help_documents_every_flag_with_its_default():
     [
         (["serve"], "--model"),
         (["serve", "--model", "/no/such/model"], "not found"),
-        (["serve", "--model", "x/y", "--host", "no such host name"], "cannot listen"),
+        (["serve", "--model", "x/y", "--host", "no such host name", "--allow-unauthenticated"], "cannot listen"),
+        (["serve", "--model", "x/y", "--host", "0.0.0.0"], "no API key is set"),
+        (["serve", "--model", "x/y", "--api-key", " "], "must not be empty"),
+        (["serve", "--model", "x/y", "--header-timeout", "0"], "must be > 0"),
+        (["serve", "--model", "x/y", "--max-agents", "0"], "at least 1"),
         (["serve", "--model", "x/y", "--kv-bits", "3"], "invalid choice"),
         (["serve", "--model", "x/y", "--chat-template-args", "[1]"], "JSON object"),
         (["serve", "--model", "x/y", "--memory-mb", "0"], "at least 1"),

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from blockpool import AgentMemory, BlockPool, BlockPoolBatchEngine, ModelCacheSpec
 from blockpool.server import anthropic_format
+from blockpool.server.agent_limits import AgentLimits
 from blockpool.server.agents import ANONYMOUS_PREFIX, AnonymousAgents, agent_identity, is_anonymous
 from blockpool.server.api_errors import ApiError, bad_request, from_validation
 from blockpool.server.app import ServerState, create_app
@@ -25,6 +26,7 @@ from blockpool.server.schemas import (
     openai_params,
     stop_list,
 )
+from blockpool.store.tiers import AgentInfo
 
 
 @pytest.mark.parametrize("options", [{}, {"top_p": 0.9}, {"min_p": 0.05}, {"top_k": 20}, {"top_p": 0.8, "top_k": 50}])
@@ -76,6 +78,40 @@ def test_anonymous_agents_resume_the_conversation_they_continue():
     assert kept.keep("third", [5]) == [first]  # past the limit the oldest goes
     kept.discard(other)
     assert len(kept) == 1 and "third" in kept
+
+
+def test_a_refused_anonymous_request_gives_its_conversation_back():
+    kept = AnonymousAgents(2)
+    first = kept.claim([1, 2, 3])
+    kept.keep(first, [1, 2, 3, 4])
+    assert kept.claim([1, 2, 3, 4, 5]) == first and len(kept) == 0
+    assert kept.unclaim(first) == [] and first in kept  # kept again, as it was
+    assert kept.claim([1, 2, 3, 4, 9]) == first
+    fresh = kept.claim([7, 7, 7])
+    assert kept.unclaim(fresh) == [fresh]  # a new id: nothing to keep, drop it
+    assert kept.unclaim("never-claimed") == []
+
+
+def test_agent_limits_pick_the_least_recently_used_idle_agents():
+    class Memory:  # the two questions AgentLimits asks of the store, answered from a table
+        def __init__(self, rows):
+            self.rows = rows
+
+        def agents(self):
+            return [AgentInfo(a, where, 10, size, True) for a, where, size in self.rows]
+
+        def file_bytes(self):
+            return {a: size for a, where, size in self.rows if where != "running"}
+
+    limits = AgentLimits(max_agents=2)
+    for agent in ("b", "c", "d"):
+        limits.used(agent)
+    memory = Memory([("a", "disk", 5), ("b", "pool", 5), ("c", "running", 5), ("d", "pool", 5)])
+    # "a" was never used this run (oldest), "b" is the least recent; "c" runs; "d" is busy.
+    assert limits.over(memory, busy={"d"}) == ["a", "b"]
+    assert AgentLimits().over(memory, set()) == []
+    by_disk = AgentLimits(max_disk_bytes=8)
+    assert by_disk.over(memory, busy=set()) == ["a", "b"]
 
 
 def test_request_checks_fill_defaults_and_refuse_bad_fields():

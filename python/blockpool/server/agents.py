@@ -28,14 +28,17 @@ ANONYMOUS_PREFIX = "anonymous-"
 MAX_AGENT_ID_CHARS = 256
 
 
-def agent_identity(header: str | None, user: str | None) -> str | None:
+def agent_identity(header: str | None, user: str | None, user_field: str = "user") -> str | None:
     """The agent a request names (header first, then ``user``), or None when anonymous.
+
+    ``user_field`` is the body field ``user`` came from, for error messages
+    (``metadata.user_id`` on the Messages API).
 
     Raises:
         ApiError: An empty, over-long or control-character id, or one that
             takes the anonymous prefix.
     """
-    value, where = (header, "X-Agent-Id") if header is not None else (user, "user")
+    value, where = (header, "X-Agent-Id") if header is not None else (user, user_field)
     if value is None:
         return None
     if not value.strip():
@@ -65,6 +68,7 @@ class AnonymousAgents:
     def __init__(self, limit: int):
         self.limit = limit
         self._histories: OrderedDict[str, list[int]] = OrderedDict()
+        self._claimed: dict[str, list[int] | None] = {}  # running: the history each had when claimed
 
     def claim(self, tokens: list[int]) -> str:
         """The agent to run an anonymous prompt as: a kept conversation it continues, or a new id.
@@ -81,12 +85,23 @@ class AnonymousAgents:
             if common > best_len and 2 * common >= len(history):
                 best, best_len = agent_id, common
         if best is not None:
-            del self._histories[best]
+            self._claimed[best] = self._histories.pop(best)
             return best
-        return ANONYMOUS_PREFIX + uuid.uuid4().hex[:16]
+        agent_id = ANONYMOUS_PREFIX + uuid.uuid4().hex[:16]
+        self._claimed[agent_id] = None
+        return agent_id
+
+    def unclaim(self, agent_id: str) -> list[str]:
+        """A claimed agent's request was refused before it ran: a kept conversation is kept
+        again as it was (its cache is untouched); returns the agents to drop now (a new id)."""
+        if agent_id not in self._claimed:
+            return []
+        history = self._claimed.pop(agent_id)
+        return [agent_id] if history is None else self.keep(agent_id, history)
 
     def keep(self, agent_id: str, history: list[int]) -> list[str]:
         """Remember a finished anonymous conversation; returns the agents to drop now."""
+        self._claimed.pop(agent_id, None)
         self._histories[agent_id] = history
         self._histories.move_to_end(agent_id)
         dropped = []
@@ -96,8 +111,9 @@ class AnonymousAgents:
         return dropped
 
     def discard(self, agent_id: str) -> None:
-        """Forget a kept conversation (its agent was deleted)."""
+        """Forget a kept conversation (its agent was deleted, or its request failed)."""
         self._histories.pop(agent_id, None)
+        self._claimed.pop(agent_id, None)
 
     def __contains__(self, agent_id: str) -> bool:
         return agent_id in self._histories

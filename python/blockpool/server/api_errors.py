@@ -13,9 +13,13 @@ from pydantic import ValidationError
 #: HTTP status -> Anthropic's error type.
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
+    408: "timeout_error",
     409: "invalid_request_error",
     413: "request_too_large",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     500: "api_error",
     503: "overloaded_error",
@@ -58,9 +62,9 @@ class ApiError(Exception):
         return {"type": "error", "error": {"type": kind, "message": self.message}}
 
 
-def bad_request(message: str, param: str | None = None) -> ApiError:
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     """A 400 ``invalid_request_error``."""
-    return ApiError(400, message, param=param)
+    return ApiError(400, message, param=param, code=code)
 
 
 def from_validation(error: ValidationError) -> ApiError:

@@ -3,128 +3,53 @@
 Handlers run on the event loop and never touch the model: they parse and
 validate the body (pydantic), tokenize it on a worker thread (with the
 server's own copy of the tokenizer, so the engine thread's is never shared),
-hand a ticket to the engine thread and await its events. A client that
-disconnects, mid-stream or while waiting, cancels its request; its blocks go
-back to the pool.
+hand a ticket to the engine thread and await its events (:mod:`.ticket_io`,
+:mod:`.streams`). A client that disconnects, mid-stream or while waiting,
+cancels its request; its blocks go back to the pool. Chat answers are split
+into reasoning, text and tool calls by :mod:`.turn_output`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import json
 import logging
 import os
-import threading
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
-from sse_starlette import EventSourceResponse
 from sse_starlette.sse import AppStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from blockpool.errors import InvalidRequestError
-from blockpool.prompt import to_token_ids
-from blockpool.server import anthropic_format
+from blockpool.server import anthropic_format, streams
 from blockpool.server.agents import agent_identity
 from blockpool.server.anthropic_format import MessageFormat
 from blockpool.server.api_errors import ApiError, bad_request, from_validation
+from blockpool.server.guard import RequestGuard
 from blockpool.server.openai_format import ChatFormat, TextFormat
-from blockpool.server.runner import (
-    Accepted,
-    EngineRunner,
-    Failure,
-    Outcome,
-    Piece,
-    Ticket,
-)
 from blockpool.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
-    Defaults,
     MessagesRequest,
     agent_from_metadata,
     anthropic_params,
+    anthropic_tool_choice,
     check_model,
     openai_params,
+    openai_tool_choice,
 )
+from blockpool.server.state import ServerState
+from blockpool.server.ticket_io import finish, start
+from blockpool.server.turn_output import split_turn
+
+__all__ = ["ServerState", "create_app"]
 
 log = logging.getLogger("blockpool.server")
-
-
-@dataclass
-class ServerState:
-    """What the handlers share.
-
-    Args:
-        runner: The engine thread's owner.
-        model_id: The name ``/v1/models`` lists.
-        aliases: Other names a request's ``model`` may use for it.
-        defaults: Values for fields a request leaves out.
-        chat_template_args: Template arguments applied to every chat request
-            (a request's ``chat_template_kwargs`` override them).
-        rank, world_size: This process's place under ``mlx.launch``.
-    """
-
-    runner: EngineRunner
-    model_id: str
-    aliases: set[str] = field(default_factory=set)
-    defaults: Defaults = field(default_factory=Defaults)
-    chat_template_args: dict[str, Any] = field(default_factory=dict)
-    rank: int = 0
-    world_size: int = 1
-    started: float = field(default_factory=time.time)
-
-    def __post_init__(self) -> None:
-        engine = self.runner.memory.engine
-        # The HTTP side tokenizes with its own copy: Hugging Face tokenizers are not safe to share across threads.
-        self.tokenizer = copy.deepcopy(engine.tokenizer)
-        self.vocab_size = getattr(getattr(engine.model, "args", None), "vocab_size", None) or len(self.tokenizer)
-        self._tokenizer_lock = threading.Lock()
-        self._token_texts: dict[int, str] = {}
-        self.fingerprint = f"blockpool-{self.model_id}"
-
-    @property
-    def served_names(self) -> set[str]:
-        return {self.model_id, "default_model", *self.aliases}
-
-    async def tokenize(self, prompt: Any, **template: Any) -> list[int]:
-        """Token ids for text or chat messages, computed off the event loop.
-
-        Raises:
-            ApiError: 400 with the reason (bad messages, a template failure, an empty prompt).
-        """
-
-        def work() -> list[int]:
-            with self._tokenizer_lock:
-                return to_token_ids(self.tokenizer, prompt, vocab_size=self.vocab_size, **template)
-
-        try:
-            return await anyio.to_thread.run_sync(work)
-        except InvalidRequestError as error:
-            raise bad_request(str(error)) from None
-
-    def token_text(self, token: int) -> str:
-        """One token's text (for logprobs)."""
-        text = self._token_texts.get(token)
-        if text is None:
-            with self._tokenizer_lock:
-                text = self.tokenizer.decode([token])
-            self._token_texts[token] = text
-        return text
-
-    def decode(self, tokens: list[int]) -> str:
-        """The text of generated tokens, end-of-sequence tokens left out."""
-        eos = set(self.tokenizer.eos_token_ids)
-        with self._tokenizer_lock:
-            return self.tokenizer.decode([t for t in tokens if t not in eos])
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -141,6 +66,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     app = FastAPI(title="blockpool serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
+    app.add_middleware(RequestGuard, api_key=state.api_key, body_timeout=state.body_timeout)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
@@ -211,12 +137,20 @@ def create_app(state: ServerState) -> FastAPI:
         params = openai_params(
             body, state.defaults, state.vocab_size, logprobs=bool(body.logprobs) or top > 0, top_logprobs=top
         )
+        use_tools = openai_tool_choice(body.tool_choice)
+        tools = (body.tools or None) if use_tools else None
         template = {**state.chat_template_args, **(body.chat_template_kwargs or {})}
         tokens = await state.tokenize(
-            _openai_messages(body.messages), tools=body.tools or None, chat_template_kwargs=template or None
+            _openai_messages(body.messages), tools=tools, chat_template_kwargs=template or None
         )
+        splitter = state.splitter(tokens, tools, use_tools, "call_")
         fmt = ChatFormat(body.model or state.model_id, state.token_text, state.fingerprint)
-        return await _answer_openai(state, request, body, fmt, agent_id, tokens, params, "chat")
+        ticket = await start(state.runner, request, agent_id, tokens, params, "chat")
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return streams.sse(state.runner, ticket, streams.chat_stream(ticket, fmt, splitter, include_usage))
+        outcome = await finish(state.runner, ticket, request)
+        return fmt.response(outcome, params.logprobs, split_turn(splitter, outcome.text, outcome.finish_reason))
 
     @app.post("/v1/completions")
     @app.post("/completions")
@@ -239,24 +173,35 @@ def create_app(state: ServerState) -> FastAPI:
         )
         tokens = await state.tokenize(prompt)
         fmt = TextFormat(body.model or state.model_id, state.token_text, state.fingerprint)
-        return await _answer_openai(state, request, body, fmt, agent_id, tokens, params, "completion")
+        ticket = await start(state.runner, request, agent_id, tokens, params, "completion")
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return streams.sse(state.runner, ticket, streams.text_stream(ticket, fmt, include_usage))
+        outcome = await finish(state.runner, ticket, request)
+        return fmt.response(outcome, params.logprobs)
 
     @app.post("/v1/messages")
     async def messages(request: Request) -> Any:
         body = _parse(MessagesRequest, await _json_body(request))
         check_model(body.model, state.served_names)
-        agent_id = agent_identity(request.headers.get("x-agent-id"), agent_from_metadata(body.metadata))
+        agent_id = agent_identity(
+            request.headers.get("x-agent-id"), agent_from_metadata(body.metadata), "metadata.user_id"
+        )
         params = anthropic_params(body, state.defaults, state.vocab_size)
+        use_tools = anthropic_tool_choice(body.tool_choice)
         chat, tools = anthropic_format.to_chat(body)
-        template = dict(state.chat_template_args)
+        tools = tools if use_tools else None
+        template = {**state.chat_template_args, **anthropic_format.thinking_args(body.thinking)}
         tokens = await state.tokenize(chat, tools=tools, chat_template_kwargs=template or None)
+        splitter = state.splitter(tokens, tools, use_tools, "toolu_")
         fmt = MessageFormat(body.model)
-        ticket = await _start(state, request, agent_id, tokens, params, "messages")
+        ticket = await start(state.runner, request, agent_id, tokens, params, "messages")
         if body.stream:
-            return _sse(state, ticket, _message_events(state, ticket, fmt))
-        outcome = await _finish(state, ticket, request)
+            return streams.sse(state.runner, ticket, streams.message_stream(ticket, fmt, splitter, state.decode))
+        outcome = await finish(state.runner, ticket, request)
+        turn = split_turn(splitter, outcome.text, outcome.finish_reason)
         reason, sequence = anthropic_format.stop_details(outcome, params.stop, state.decode(outcome.token_ids))
-        return fmt.response(outcome, reason, sequence)
+        return fmt.response(outcome, turn, anthropic_format.stop_reason(turn.finish_reason, reason), sequence)
 
     return app
 
@@ -283,194 +228,50 @@ def _parse(model: type[BaseModel], body: dict[str, Any]) -> Any:
 
 
 def _openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Tool-call arguments sent as JSON text become dicts for the template (as ``mlx_lm.server`` does)."""
+    """The messages checked for what the template cannot catch, tool-call arguments sent as
+    JSON text made dicts for the template (as ``mlx_lm.server`` does).
+
+    Raises:
+        ApiError: A user or system message without content, ``tool_calls`` that is not a
+            list of calls with a function name, or arguments that are not JSON.
+    """
     out = []
     for i, message in enumerate(messages):
+        where = f"messages.{i}"
+        if not isinstance(message, dict):
+            raise bad_request(f"{where} must be an object", "messages")
+        if message.get("role") in ("user", "system", "developer") and message.get("content") is None:
+            raise bad_request(f"{where}: a {message['role']} message needs content", "messages")
         calls = message.get("tool_calls")
-        if isinstance(calls, list):
-            fixed = []
-            for call in calls:
-                function = call.get("function") if isinstance(call, dict) else None
-                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                    try:
-                        function = {**function, "arguments": json.loads(function["arguments"])}
-                    except json.JSONDecodeError:
-                        raise bad_request(
-                            f"messages.{i}.tool_calls: arguments are not valid JSON", "messages"
-                        ) from None
-                    call = {**call, "function": function}
-                fixed.append(call)
-            message = {**message, "tool_calls": fixed}
+        if calls is not None:
+            message = {
+                **message,
+                "tool_calls": [
+                    _tool_call(call, f"{where}.tool_calls.{j}") for j, call in enumerate(_listed(calls, where))
+                ],
+            }
         out.append(message)
     return out
 
 
-async def _answer_openai(
-    state: ServerState,
-    request: Request,
-    body: Any,
-    fmt: ChatFormat | TextFormat,
-    agent_id: str | None,
-    tokens: list[int],
-    params: Any,
-    label: str,
-) -> Any:
-    """Run an OpenAI request: a stream of chunks, or the whole answer."""
-    ticket = await _start(state, request, agent_id, tokens, params, label)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        first = [{"data": json.dumps(fmt.first_chunk())}] if isinstance(fmt, ChatFormat) else []
-        return _sse(state, ticket, _openai_stream(ticket, fmt, include_usage, first))
-    outcome = await _finish(state, ticket, request)
-    return fmt.response(outcome, params.logprobs)
+def _listed(calls: Any, where: str) -> list[Any]:
+    if not isinstance(calls, list):
+        raise bad_request(f"{where}.tool_calls must be a list of tool calls", "messages")
+    return calls
 
 
-async def _start(
-    state: ServerState, request: Request, agent_id: str | None, tokens: list[int], params: Any, label: str
-) -> Ticket:
-    """Queue the request and wait until the engine has it (or refused it)."""
-    ticket = state.runner.submit(agent_id, tokens, params, asyncio.get_running_loop(), label)
-    event = await _next_or_cancel(state, ticket, request)
-    if isinstance(event, Failure):
-        raise event.error
-    if isinstance(event, Outcome):  # cancelled before it started
-        raise ApiError(503, "the request was cancelled before it started", kind="server_error")
-    assert isinstance(event, Accepted)
-    return ticket
-
-
-async def _finish(state: ServerState, ticket: Ticket, request: Request) -> Outcome:
-    """Wait for the whole answer, cancelling it if the client goes away."""
-    while True:
-        event = await _next_or_cancel(state, ticket, request)
-        if isinstance(event, Failure):
-            raise event.error
-        if isinstance(event, Outcome):
-            if event.finish_reason == "cancelled":
-                raise ApiError(503, "the request was cancelled (the server is shutting down)", kind="server_error")
-            return event
-
-
-async def _next_or_cancel(state: ServerState, ticket: Ticket, request: Request) -> Any:
-    """The ticket's next event; if the client disconnects first, cancel the ticket and wait for its end."""
-    get = asyncio.ensure_future(ticket.next())
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        get.cancel()
-        gone.cancel()
-        state.runner.cancel(ticket)
-        raise
-    if get in done:
-        gone.cancel()
-        return get.result()
-    state.runner.cancel(ticket)
-    event = await get
-    while not isinstance(event, (Outcome, Failure)):
-        event = await ticket.next()
-    return event
-
-
-async def _disconnected(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-def _sse(state: ServerState, ticket: Ticket, events: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
-    async def guarded() -> AsyncIterator[dict[str, Any]]:
+def _tool_call(call: Any, where: str) -> dict[str, Any]:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+        raise bad_request(f"{where} needs a 'function' with a string 'name'", "messages")
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
         try:
-            async for event in events:
-                yield event
-        finally:
-            # The client went away (or the drain timeout passed): stop generating, return the blocks.
-            state.runner.cancel(ticket)
-
-    return EventSourceResponse(guarded(), sep="\n")
-
-
-async def _stream_pieces(ticket: Ticket) -> AsyncIterator[Piece | Outcome]:
-    """The ticket's pieces, then its outcome; a failure mid-stream raises its ``ApiError``.
-
-    Pieces that are already waiting are merged into one (their text joined,
-    their logprobs in ``merged``), so a client that reads slower than the
-    engine decodes gets fewer, larger chunks instead of falling behind.
-    """
-    while True:
-        events = [await ticket.next(), *ticket.ready()]
-        pending: Piece | None = None
-        for event in events:
-            if isinstance(event, Failure):
-                raise event.error
-            if isinstance(event, Piece):
-                if pending is None:
-                    pending = Piece(event.text, event.token, event.logprob)
-                    pending.merged = [event.logprob] if event.logprob is not None else []
-                else:
-                    pending.text += event.text
-                    if event.logprob is not None:
-                        pending.merged.append(event.logprob)
-                continue
-            if pending is not None:
-                yield pending
-                pending = None
-            yield event
-            if isinstance(event, Outcome):
-                return
-        if pending is not None:
-            yield pending
-
-
-async def _openai_stream(
-    ticket: Ticket, fmt: Any, include_usage: bool, first: list[dict[str, Any]]
-) -> AsyncIterator[dict[str, Any]]:
-    for event in first:
-        yield event
-    logprobs = ticket.params.logprobs
-    try:
-        async for event in _stream_pieces(ticket):
-            if isinstance(event, Piece):
-                if event.text or logprobs:
-                    yield {"data": json.dumps(fmt.chunk(event.text, event.merged if logprobs else None))}
-                continue
-            if event.finish_reason == "cancelled":
-                yield {
-                    "data": json.dumps(
-                        ApiError(
-                            503, "the request was cancelled (the server is shutting down)", kind="server_error"
-                        ).openai_body()
-                    )
-                }
-                return
-            yield {"data": json.dumps(fmt.last_chunk(event))}
-            if include_usage:
-                yield {"data": json.dumps(fmt.usage_chunk(event))}
-    except ApiError as error:
-        yield {"data": json.dumps(error.openai_body())}
-    yield {"data": "[DONE]"}
-
-
-async def _message_events(state: ServerState, ticket: Ticket, fmt: MessageFormat) -> AsyncIterator[dict[str, Any]]:
-    for name, data in fmt.start_events(len(ticket.tokens)):
-        yield {"event": name, "data": json.dumps(data)}
-    try:
-        async for event in _stream_pieces(ticket):
-            if isinstance(event, Piece):
-                if event.text:
-                    name, data = fmt.delta_event(event.text)
-                    yield {"event": name, "data": json.dumps(data)}
-                continue
-            if event.finish_reason == "cancelled":
-                error = ApiError(503, "the request was cancelled (the server is shutting down)", kind="server_error")
-                yield {"event": "error", "data": json.dumps(error.anthropic_body())}
-                return
-            reason, sequence = anthropic_format.stop_details(event, ticket.params.stop, state.decode(event.token_ids))
-            for name, data in fmt.end_events(event, reason, sequence):
-                yield {"event": name, "data": json.dumps(data)}
-    except ApiError as error:
-        yield {"event": "error", "data": json.dumps(error.anthropic_body())}
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            raise bad_request(f"{where}: arguments are not valid JSON", "messages") from None
+        function = {**function, "arguments": arguments}
+    return {**call, "function": function}
 
 
 def _error_response(request: Request, error: ApiError) -> JSONResponse:
@@ -480,7 +281,10 @@ def _error_response(request: Request, error: ApiError) -> JSONResponse:
 
 
 def _model_card(state: ServerState) -> dict[str, Any]:
-    return {"id": state.model_id, "object": "model", "created": int(state.started), "owned_by": "blockpool"}
+    # ``capabilities`` is an extension: whether tool calls and reasoning are parsed out of this model's answers.
+    capabilities = {"tool_calls": state.features.tool_calls, "reasoning": state.features.reasoning}
+    card = {"id": state.model_id, "object": "model", "created": int(state.started), "owned_by": "blockpool"}
+    return {**card, "capabilities": capabilities}
 
 
 def _pool_summary(state: ServerState) -> dict[str, Any]:

@@ -7,7 +7,6 @@ serves HTTP and the other ranks follow it (``distributed.py``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -17,169 +16,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from blockpool.cli import UsageError, positive_int, writable_dir
+from blockpool.cli import UsageError, writable_dir
+from blockpool.server.flags import add_arguments, check_exposure, default_cache_dir, default_memory_mb
+
+__all__ = ["HELP", "add_arguments", "run"]
 
 HELP = "serve a model over OpenAI's and Anthropic's HTTP APIs, with agents that persist across turns and restarts"
 
 log = logging.getLogger("blockpool.server")
-
-
-def default_memory_mb() -> int:
-    """A quarter of this machine's memory, between 256 and 4096 MiB."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 1024
-    return max(256, min(4096, total // 4 // (1 << 20)))
-
-
-def default_cache_dir() -> Path:
-    """``<user cache folder>/blockpool/server``."""
-    from blockpool.demo_model import user_cache_dir
-
-    return user_cache_dir() / "server"
-
-
-def _json_object(value: str) -> dict[str, Any]:
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
-    if not isinstance(parsed, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"enable_thinking\": false}'")
-    return parsed
-
-
-def _port(value: str) -> int:
-    number = positive_int(value)
-    if number > 65535:
-        raise argparse.ArgumentTypeError(f"must be at most 65535, got {number}")
-    return number
-
-
-def _at_least_zero(kind: type) -> Any:
-    """argparse type: a number of ``kind`` (int or float) that is not negative."""
-
-    def parse(value: str) -> Any:
-        try:
-            number = kind(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected a {'whole ' if kind is int else ''}number, got {value!r}"
-            ) from None
-        if not number >= 0:  # NaN too
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-        return number
-
-    return parse
-
-
-_non_negative, _whole = _at_least_zero(float), _at_least_zero(int)
-
-
-def add_arguments(parser: Any) -> None:
-    """The ``blockpool serve`` flags."""
-    parser.add_argument(
-        "--model", required=True, help="model directory or Hugging Face repo id (anything mlx_lm.load takes); required"
-    )
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s, local clients only)"
-    )
-    parser.add_argument("--port", type=_port, default=8080, help="port to listen on (default: %(default)s)")
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="where agents are persisted (a subfolder per model, and per rank under mlx.launch); "
-        f"default: {default_cache_dir()}",
-    )
-    parser.add_argument(
-        "--memory-mb",
-        type=positive_int,
-        default=None,
-        help="the KV budget in MiB: all agents' caches and the running batch's (per rank under mlx.launch); "
-        f"default: a quarter of this machine's memory, at most 4096 (here {default_memory_mb()})",
-    )
-    parser.add_argument(
-        "--kv-bits",
-        type=int,
-        choices=(8, 4),
-        default=None,
-        help="store resting blocks quantized to 8 or 4 bits (default: the model's dtype)",
-    )
-    parser.add_argument(
-        "--max-tokens",
-        type=positive_int,
-        default=512,
-        help="tokens to generate when a request does not say (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--temp",
-        type=_non_negative,
-        default=0.0,
-        help="sampling temperature when a request does not say (default: %(default)s, greedy)",
-    )
-    parser.add_argument(
-        "--top-p",
-        type=_non_negative,
-        default=1.0,
-        help="nucleus sampling top-p when a request does not say (default: %(default)s, off)",
-    )
-    parser.add_argument(
-        "--top-k", type=_whole, default=0, help="top-k sampling when a request does not say (default: %(default)s, off)"
-    )
-    parser.add_argument(
-        "--min-p",
-        type=_non_negative,
-        default=0.0,
-        help="min-p sampling when a request does not say (default: %(default)s, off)",
-    )
-    parser.add_argument(
-        "--max-concurrency",
-        type=positive_int,
-        default=32,
-        help="most requests decoded together in the batch (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--queue-limit",
-        type=_whole,
-        default=64,
-        help="most requests waiting beyond --max-concurrency; past it the answer is 429 with "
-        "Retry-After (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--prefill-step-size",
-        type=positive_int,
-        default=2048,
-        help="prompt tokens per prefill chunk (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--anonymous-agents",
-        type=_whole,
-        default=8,
-        help="recent conversations of requests without X-Agent-Id or user kept in the pool, to resume "
-        "them (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--drain-timeout",
-        type=_non_negative,
-        default=30.0,
-        help="on SIGTERM, seconds to let requests in flight finish before cancelling them; every agent "
-        "is persisted after (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--chat-template-args",
-        type=_json_object,
-        default={},
-        help="JSON object of chat template arguments for every chat request, e.g. "
-        "'{\"enable_thinking\": false}' (default: none)",
-    )
-    parser.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        help="logging level (default: %(default)s)",
-    )
 
 
 def run(args: Any) -> int:
@@ -191,6 +35,7 @@ def run(args: Any) -> int:
     prefix = f"[rank {rank}/{size}] " if size > 1 else ""
     logging.basicConfig(level=getattr(logging, args.log_level), format=f"%(asctime)s %(levelname)s {prefix}%(message)s")
     if rank == 0:
+        check_exposure(args)
         _check_port_free(args.host, args.port)
     cache_root = writable_dir(args.cache_dir or default_cache_dir(), "cache directory")
     memory_mb = args.memory_mb or default_memory_mb()
@@ -207,6 +52,8 @@ def run(args: Any) -> int:
         lockstep=lockstep,
         max_requests=args.max_concurrency + args.queue_limit,
         anonymous_agents=args.anonymous_agents,
+        max_agents=args.max_agents,
+        max_disk_bytes=args.max_disk_mb << 20 if args.max_disk_mb else None,
     )
     pool = memory.pool
     log.info(
@@ -234,7 +81,9 @@ def _serve_http(runner: Any, args: Any, rank: int, size: int) -> int:
     import uvicorn
 
     from blockpool.server.app import ServerState, create_app
+    from blockpool.server.http_protocol import with_header_deadline
     from blockpool.server.schemas import Defaults
+    from blockpool.server.state import context_length
 
     model_path = Path(args.model).expanduser()
     aliases = {model_path.name, str(model_path.resolve())} if model_path.exists() else set()
@@ -244,6 +93,9 @@ def _serve_http(runner: Any, args: Any, rank: int, size: int) -> int:
         aliases=aliases,
         defaults=Defaults(args.max_tokens, args.temp, min(args.top_p, 1.0), args.top_k, min(args.min_p, 1.0)),
         chat_template_args=args.chat_template_args,
+        max_prompt_tokens=args.max_prompt_tokens or context_length(_model_config(args.model)),
+        api_key=args.api_key,
+        body_timeout=args.body_timeout,
         rank=rank,
         world_size=size,
     )
@@ -256,6 +108,8 @@ def _serve_http(runner: Any, args: Any, rank: int, size: int) -> int:
         access_log=False,
         timeout_graceful_shutdown=args.drain_timeout,
         lifespan="on",
+        http=with_header_deadline(args.header_timeout),
+        limit_concurrency=args.max_connections,
     )
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal that stopped it once it has shut down; by then
@@ -263,9 +117,16 @@ def _serve_http(runner: Any, args: Any, rank: int, size: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     log.info(
-        "serving on http://%s:%d (OpenAI: /v1/chat/completions, /v1/completions; Anthropic: /v1/messages)",
+        "serving on http://%s:%d (OpenAI: /v1/chat/completions, /v1/completions; Anthropic: /v1/messages)%s",
         args.host,
         args.port,
+        "; API key required" if args.api_key else "",
+    )
+    features = state.features
+    log.info(
+        "tool calls: %s; reasoning: %s",
+        "parsed" if features.tool_calls else "off (the tokenizer has no tool parser: calls come back as text)",
+        "parsed" if features.reasoning else "off (no think markers in the vocabulary)",
     )
     server.run()
     if runner.alive:  # startup failed before the lifespan stopped it
@@ -273,6 +134,24 @@ def _serve_http(runner: Any, args: Any, rank: int, size: int) -> int:
     failed = runner._failed is not None or not server.started
     log.info("stopped; agents persisted" if not failed else "stopped after an error")
     return 1 if failed else 0
+
+
+def _model_config(model_ref: str) -> dict[str, Any]:
+    """The model's ``config.json`` (a local folder, or the Hugging Face cache ``load`` filled); {} if unreadable.
+
+    Read for the context length: mlx-lm's ``ModelArgs`` of several families
+    (llama among them) drop ``max_position_embeddings``.
+    """
+    try:
+        local = Path(model_ref).expanduser()
+        if not local.exists():
+            from mlx_lm.utils import hf_repo_to_path
+
+            local = Path(hf_repo_to_path(model_ref))
+        config = json.loads((local / "config.json").read_text())
+    except Exception:  # no file, no cache, not JSON: the limit falls back to the model's args
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def _exit_now(status: int) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from blockpool.server.tickets import Outcome, TokenLogprob
+from blockpool.server.turn_output import ToolCall, Turn
 
 TokenText = Callable[[int], str]
 
@@ -27,9 +28,15 @@ def usage(outcome: Outcome) -> dict[str, Any]:
     }
 
 
-def finish_reason(outcome: Outcome) -> str:
-    """``"stop"`` or ``"length"``."""
-    return "length" if outcome.finish_reason == "length" else "stop"
+def finish_reason(outcome: Outcome, turn: Turn | None = None) -> str:
+    """``"stop"``, ``"length"``, or ``"tool_calls"`` when the model stopped after calling tools."""
+    reason = turn.finish_reason if turn is not None else outcome.finish_reason
+    return reason if reason in ("length", "tool_calls") else "stop"
+
+
+def tool_call_json(call: ToolCall) -> dict[str, Any]:
+    """One entry of ``message.tool_calls``: the arguments are JSON text, as OpenAI sends them."""
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def _agent_fields(outcome: Outcome) -> dict[str, Any]:
@@ -53,12 +60,18 @@ class ChatFormat:
             "system_fingerprint": self.fingerprint,
         }
 
-    def response(self, outcome: Outcome, logprobs: bool) -> dict[str, Any]:
-        """The whole answer."""
+    def response(self, outcome: Outcome, logprobs: bool, turn: Turn) -> dict[str, Any]:
+        """The whole answer: its text, reasoning and tool calls (``turn``)."""
+        calls = turn.calls
+        message: dict[str, Any] = {"role": "assistant", "content": turn.text if turn.text or not calls else None}
+        if turn.reasoning:
+            message["reasoning"] = message["reasoning_content"] = turn.reasoning
+        if calls:
+            message["tool_calls"] = [tool_call_json(c) for c in calls]
         choice = {
             "index": 0,
-            "message": {"role": "assistant", "content": outcome.text},
-            "finish_reason": finish_reason(outcome),
+            "message": message,
+            "finish_reason": finish_reason(outcome, turn),
             "logprobs": {"content": [chat_logprob(p, self.token_text) for p in outcome.logprobs]} if logprobs else None,
         }
         return {**self._base("chat.completion"), "choices": [choice], "usage": usage(outcome), **_agent_fields(outcome)}
@@ -79,9 +92,31 @@ class ChatFormat:
             "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None, "logprobs": lp}],
         }
 
-    def last_chunk(self, outcome: Outcome) -> dict[str, Any]:
-        """The chunk that says why the answer ended."""
-        choice = {"index": 0, "delta": {}, "finish_reason": finish_reason(outcome), "logprobs": None}
+    def reasoning_chunk(self, text: str) -> dict[str, Any]:
+        """A chunk carrying reasoning (as ``reasoning`` and ``reasoning_content``, which clients read)."""
+        delta = {"reasoning": text, "reasoning_content": text}
+        return {
+            **self._base("chat.completion.chunk"),
+            "choices": [{"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}],
+        }
+
+    def tool_call_chunks(self, call: ToolCall, index: int) -> list[dict[str, Any]]:
+        """A tool call as two chunks: its index, id and name, then its arguments (the
+        official client's stream helpers accumulate them)."""
+        head = {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+        tail = {"index": index, "function": {"arguments": call.arguments}}
+        return [
+            {
+                **self._base("chat.completion.chunk"),
+                "choices": [{"index": 0, "delta": {"tool_calls": [part]}, "finish_reason": None, "logprobs": None}],
+            }
+            for part in (head, tail)
+        ]
+
+    def last_chunk(self, outcome: Outcome, reason: str | None = None) -> dict[str, Any]:
+        """The chunk that says why the answer ended (``reason``: the turn's, tool calls counted)."""
+        ended = reason if reason in ("length", "tool_calls") else finish_reason(outcome)
+        choice = {"index": 0, "delta": {}, "finish_reason": ended, "logprobs": None}
         return {**self._base("chat.completion.chunk"), "choices": [choice], **_agent_fields(outcome)}
 
     def usage_chunk(self, outcome: Outcome) -> dict[str, Any]:

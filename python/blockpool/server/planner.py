@@ -22,6 +22,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
+from blockpool.server.agent_limits import AgentLimits
 from blockpool.server.agents import AnonymousAgents, is_anonymous
 from blockpool.server.api_errors import ApiError
 from blockpool.server.tickets import (
@@ -49,6 +50,7 @@ class TicketPlanner:
         anonymous: The kept anonymous conversations.
         running: Agent -> key of its request in the engine (kept by the runner).
         finish, fail: Deliver a ticket's outcome or error (the runner's).
+        limits: ``--max-agents`` and ``--max-disk-mb`` (None: no limits).
     """
 
     def __init__(
@@ -58,8 +60,10 @@ class TicketPlanner:
         running: dict[str, int],
         finish: Callable[[Ticket, Outcome], None],
         fail: Callable[[Ticket, ApiError], None],
+        limits: AgentLimits | None = None,
     ):
         self.memory, self.anonymous, self.running = memory, anonymous, running
+        self.limits = limits or AgentLimits()
         self._finish, self._fail = finish, fail
         self.block_tokens = memory.pool.block_tokens
         self.waiting: deque[Ticket] = deque()  # not yet submitted
@@ -180,7 +184,31 @@ class TicketPlanner:
             if ok and blocks is not None and blocks.total_tokens:
                 self.deferred += [Forget(a) for a in self.anonymous.keep(agent_id, list(blocks.token_ids))]
             else:
+                self.anonymous.discard(agent_id)
                 self.deferred.append(Forget(agent_id))
+                return
+        if ok:
+            self.limits.used(agent_id)
+        if self.limits.active:
+            self._enforce_limits(agent_id)
+
+    def _enforce_limits(self, just_ended: str) -> None:
+        # Never an agent with a request running or waiting, nor the one that just answered.
+        busy = {
+            just_ended,
+            *self.running,
+            *(t.agent_id for t in self.waiting),
+            *(t.agent_id for t in self.tickets.values()),
+        }
+        for agent_id in self.limits.over(self.memory, {a for a in busy if a is not None}):
+            self.anonymous.discard(agent_id)
+            self.deferred.append(Forget(agent_id))
+
+    def refused(self, agent_id: str) -> None:
+        """The store refused a request: an anonymous agent's kept conversation is restored
+        (or its new id dropped), so refused requests leave no agent behind."""
+        if is_anonymous(agent_id):
+            self.deferred += [Forget(a) for a in self.anonymous.unclaim(agent_id)]
 
     def abandon_all(self) -> list[Ticket]:
         """Every ticket still held (the engine thread failed)."""

@@ -43,6 +43,7 @@ from blockpool.errors import (
     InvalidRequestError,
     PoolExhaustedError,
 )
+from blockpool.server.agent_limits import AgentLimits
 from blockpool.server.agents import AnonymousAgents, is_anonymous
 from blockpool.server.api_errors import ApiError
 from blockpool.server.distributed import Lockstep
@@ -82,6 +83,8 @@ class EngineRunner:
         max_requests: Most requests accepted and unfinished (running or
             queued); past it ``submit`` raises a 429 ``ApiError``.
         anonymous_agents: How many anonymous conversations to keep.
+        max_agents, max_disk_bytes: Past either, the least recently used
+            idle agents are deleted (:mod:`.agent_limits`); None: no limit.
         retry_after: Seconds a refused client is told to wait.
     """
 
@@ -93,6 +96,8 @@ class EngineRunner:
         max_requests: int = 96,
         anonymous_agents: int = 8,
         retry_after: int = 1,
+        max_agents: int | None = None,
+        max_disk_bytes: int | None = None,
     ):
         self.memory = memory
         self.lockstep = lockstep or Lockstep()
@@ -109,7 +114,12 @@ class EngineRunner:
         self._key_of: dict[int, int] = {}  # engine uid -> key (every rank)
         self._running: dict[str, int] = {}  # agent -> key of its request in the engine (every rank)
         self._planner = TicketPlanner(
-            memory, AnonymousAgents(anonymous_agents), self._running, self._finish, self._fail
+            memory,
+            AnonymousAgents(anonymous_agents),
+            self._running,
+            self._finish,
+            self._fail,
+            AgentLimits(max_agents, max_disk_bytes),
         )
         self._stopping = False
         self._failed: BaseException | None = None
@@ -253,7 +263,10 @@ class EngineRunner:
                 if uid is not None:
                     self.memory.cancel(uid)
             elif isinstance(op, Forget):
-                self.memory.forget(op.agent_id)  # waits for the agent's write, if one is still running here
+                try:
+                    self.memory.forget(op.agent_id)  # waits for the agent's write, if one is still running here
+                except InvalidRequestError as error:  # it started running again: it stays
+                    log.info("agent %r not deleted: %s", op.agent_id, error)
             elif isinstance(op, Stop):
                 return True
         return False
@@ -268,6 +281,7 @@ class EngineRunner:
                 log.warning("agent %r: %s; starting it over", op.agent_id, error)
                 uid = self._submit_to_store(op)
         except (InvalidRequestError, PoolExhaustedError, IncompatibleCacheError) as error:
+            self._planner.refused(op.agent_id)
             if ticket is not None:
                 self._planner.tickets.pop(op.key, None)
                 self._fail(ticket, ApiError(400, str(error)))
@@ -275,6 +289,7 @@ class EngineRunner:
                 log.error("rank %d refused a request rank 0 accepted: %s", self.lockstep.rank, error)
             return
         except BlockPoolError as error:
+            self._planner.refused(op.agent_id)
             if ticket is not None:
                 self._planner.tickets.pop(op.key, None)
                 self._fail(ticket, ApiError(500, str(error), kind="server_error"))

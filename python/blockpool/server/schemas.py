@@ -3,12 +3,16 @@
 Which fields exist, their types and ranges follow OpenAI's API and
 ``mlx_lm.server`` (which adds ``top_k``, ``min_p``, the penalties with their
 context sizes, XTC and ``chat_template_kwargs``). Types are strict: ``"10"``
-is not a number and ``1`` is not a boolean. Unknown fields are ignored, as
+is not a number and ``1`` is not a boolean. Numbers must be finite (JSON's
+``NaN`` and ``Infinity``, which Python's reader accepts, are refused), and
+every integer has an upper bound, so no value reaches the sampler or the
+engine that they cannot handle. Unknown fields are ignored, as
 OpenAI-compatible servers do, so that clients that send more still work.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,7 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from blockpool.server.api_errors import ApiError, bad_request
 from blockpool.server.sampling import GenerationParams
 
-_STRICT = ConfigDict(strict=True, extra="ignore")
+_STRICT = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+TOKENS_LIMIT = 2**31 - 1  # the engine's token counts are 32-bit
+WINDOW_LIMIT = 2**20  # penalty windows: far past any context, and inside a 32-bit slice
+_TOKEN_ID = re.compile(r"-?[0-9]+")  # str.isdigit also accepts "²", which int() refuses
 
 
 class StreamOptions(BaseModel):
@@ -32,25 +40,25 @@ class SamplingFields(BaseModel):
 
     model_config = _STRICT
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(None, ge=1, le=TOKENS_LIMIT)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=TOKENS_LIMIT)
     min_p: float | None = Field(None, ge=0, le=1)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    n: int | None = None
+    n: int | None = Field(None, ge=0, le=128)
     logit_bias: dict[str, float] | None = None
     repetition_penalty: float | None = Field(None, ge=0)
-    repetition_context_size: int | None = Field(None, ge=0)
+    repetition_context_size: int | None = Field(None, ge=0, le=WINDOW_LIMIT)
     presence_penalty: float | None = None
-    presence_context_size: int | None = Field(None, ge=0)
+    presence_context_size: int | None = Field(None, ge=0, le=WINDOW_LIMIT)
     frequency_penalty: float | None = None
-    frequency_context_size: int | None = Field(None, ge=0)
+    frequency_context_size: int | None = Field(None, ge=0, le=WINDOW_LIMIT)
     xtc_probability: float | None = Field(None, ge=0, le=1)
     xtc_threshold: float | None = Field(None, ge=0, le=1)
 
@@ -62,6 +70,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
 
@@ -87,16 +96,18 @@ class MessagesRequest(BaseModel):
 
     model_config = _STRICT
     model: str
-    max_tokens: int = Field(ge=1)
+    max_tokens: int = Field(ge=1, le=TOKENS_LIMIT)
     messages: list[AnthropicMessage] = Field(min_length=1)
     system: str | list[dict[str, Any]] | None = None
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=TOKENS_LIMIT)
     stream: bool | None = False
     metadata: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -137,7 +148,7 @@ def openai_params(
     if request.logit_bias:
         bias = {}
         for key, value in request.logit_bias.items():
-            if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
+            if not _TOKEN_ID.fullmatch(key) or not 0 <= int(key) < vocab_size:
                 raise bad_request(f"logit_bias keys must be token ids in [0, {vocab_size}), got {key!r}", "logit_bias")
             bias[int(key)] = float(value)
     max_tokens = request.max_completion_tokens or request.max_tokens or defaults.max_tokens
@@ -187,6 +198,41 @@ def agent_from_metadata(metadata: dict[str, Any] | None) -> str | None:
     if not isinstance(user_id, str):
         raise bad_request("metadata.user_id must be a string", "metadata.user_id")
     return user_id
+
+
+def openai_tool_choice(choice: str | dict[str, Any] | None) -> bool:
+    """Whether an OpenAI request's tools are offered to the model and its calls parsed.
+
+    ``"auto"`` (or no choice) offers them; ``"none"`` renders no tools.
+
+    Raises:
+        ApiError: ``"required"`` or a named function: this server cannot force a call.
+    """
+    if choice in (None, "auto"):
+        return True
+    if choice == "none":
+        return False
+    raise bad_request(
+        f"tool_choice {choice!r} is not supported: this server cannot force a tool call (use 'auto' or 'none')",
+        "tool_choice",
+    )
+
+
+def anthropic_tool_choice(choice: dict[str, Any] | None) -> bool:
+    """Whether a Messages request's tools are offered (``{"type": "auto"}``, the default) or not (``"none"``).
+
+    Raises:
+        ApiError: ``any`` or ``tool`` (a forced call), or another type.
+    """
+    kind = None if choice is None else choice.get("type")
+    if choice is None or kind == "auto":
+        return True
+    if kind == "none":
+        return False
+    raise bad_request(
+        f"tool_choice type {kind!r} is not supported: this server cannot force a tool call (use 'auto' or 'none')",
+        "tool_choice",
+    )
 
 
 def _given(value: Any, default: Any) -> Any:

@@ -247,6 +247,10 @@ class AgentMemory:
                 seen[agent_id] = AgentInfo(agent_id, "disk", tokens, size, True)
         return sorted(seen.values(), key=lambda a: a.agent_id)
 
+    def file_bytes(self) -> dict[str, int]:
+        """Bytes of each agent's file on disk (empty without a ``cache_dir``)."""
+        return {agent_id: size for agent_id, _, size in self._files.listing()}
+
     def spill(self, agent_id: str) -> bool:
         """Move an idle agent from the pool to disk now, waiting for the write.
 
