@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import pytest
+from server_process import concurrently
 
 pytestmark = pytest.mark.integration
 
@@ -126,3 +127,27 @@ def test_no_leftovers_fresh_agents_equal_cold_runs_even_sharing_a_prefix(server,
     assert answer.choices[0].message.content == reference.chat(fresh, 8)[0]
     cold = [{"role": "user", "content": "the donor's own question"}]
     assert chat(server, "stranger", cold).choices[0].message.content == reference.chat(cold, 8)[0]
+
+
+def test_agents_arriving_together_with_one_system_prompt_prefill_it_once(start_server, reference):
+    server = start_server("--memory-mb", "16")  # room for the early copy of the prompt's blocks
+    system = SYSTEM.replace("rule 0:", "first rule:")  # a system prompt no agent has sent yet
+    conversations = {
+        f"together-{i}": [{"role": "system", "content": system}, {"role": "user", "content": f"question {i}"}]
+        for i in range(5)
+    }
+    results = {}
+
+    def run(agent, messages):
+        results[agent] = chat(server, agent, messages, max_tokens=24)
+
+    assert not concurrently(run, list(conversations.items()))
+    ids = {agent: reference.chat_ids(messages) for agent, messages in conversations.items()}
+    shared = min(common_prefix(ids["together-0"], other) for other in ids.values() if other is not ids["together-0"])
+    full_blocks = shared // 256 * 256
+    assert full_blocks >= 512, shared
+    cached = sorted(r.usage.prompt_tokens_details.cached_tokens for r in results.values())
+    # One agent prefills the system prompt; the other four share its full blocks (the partial last one is not).
+    assert cached == [0] + [full_blocks] * 4, cached
+    for agent, messages in conversations.items():
+        assert results[agent].choices[0].message.content == reference.chat(messages, 24)[0], agent

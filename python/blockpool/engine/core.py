@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -156,6 +156,7 @@ class BlockPoolBatchEngine(EngineIntrospection):
         stop: str | Sequence[str] | None = None,
         prompt_progress_callback: ProgressCallback | None = None,
         keep_tokens: int | None = None,
+        share_prompt: Callable[[AgentBlocks], None] | None = None,
     ) -> int:
         """Queue a request. It runs as soon as there is room; nothing is reserved now.
 
@@ -175,6 +176,13 @@ class BlockPoolBatchEngine(EngineIntrospection):
             keep_tokens: Resume from only the first ``keep_tokens`` tokens of
                 ``cache`` (the rest is freed when the request starts); all of
                 it when None.
+            share_prompt: Called (on the driving thread) with the blocks that
+                hold the history and the prompt as soon as the prompt is
+                prefilled: they are written to the pool then, not at the
+                completion, so that other agents can share them (a prefix
+                index) while this one decodes. The prompt's KV is then held
+                twice until the request ends; when the budget has no room for
+                the blocks, it is not called.
 
         Returns:
             The request's uid.
@@ -188,7 +196,16 @@ class BlockPoolBatchEngine(EngineIntrospection):
         """
         self._check_not_in_flight(agent_id)
         request = self._intake.request(
-            agent_id, prompt, cache, keep_tokens, max_tokens, sampler, logits_processors, stop, prompt_progress_callback
+            agent_id,
+            prompt,
+            cache,
+            keep_tokens,
+            max_tokens,
+            sampler,
+            logits_processors,
+            stop,
+            prompt_progress_callback,
+            share_prompt,
         )
         self._scheduler.check_fits(request.history.keep, len(request.prompt), max_tokens)
         with self._lock:

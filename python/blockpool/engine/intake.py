@@ -110,6 +110,7 @@ class Intake:
         logits_processors: Sequence[Any] | None,
         stop: str | Sequence[str] | None,
         progress: ProgressCallback | None,
+        share_prompt: Any = None,
     ) -> Request:
         """A request from submit's arguments, every one checked (its uid is set when it is queued).
 
@@ -118,11 +119,13 @@ class Intake:
         """
         stops = check_arguments(agent_id, max_tokens, stop)
         check_callables(sampler, logits_processors, progress)
+        if share_prompt is not None and not callable(share_prompt):
+            raise InvalidRequestError("share_prompt must be a callable")
         tokens = check_source(self.spec, self.pool, agent_id, cache, keep_tokens)
         prompt_ids = self.tokenize(prompt, resume=bool(tokens))
         detokenizer = copy.copy(self.tokenizer.detokenizer)
         detokenizer.reset()
-        params = Params(max_tokens, sampler, list(logits_processors or []), stops, progress)
+        params = Params(max_tokens, sampler, list(logits_processors or []), stops, progress, share_prompt)
         return Request(
             -1,
             agent_id,

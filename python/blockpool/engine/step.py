@@ -21,6 +21,7 @@ sees what is really held.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -38,7 +39,9 @@ from blockpool.engine.interruptions import Interruptions
 from blockpool.engine.output import Endings, EventQueue, on_token
 from blockpool.engine.scheduler import Admit, Readmit, Refuse, Scheduler
 from blockpool.engine.types import Request
-from blockpool.errors import GenerationError
+from blockpool.errors import BlockPoolError, GenerationError
+
+log = logging.getLogger("blockpool")
 
 
 @dataclass(eq=False)
@@ -161,8 +164,10 @@ class Stepper(Interruptions):
             else:
                 self.endings.complete(request, blocks, reason)
 
-    def _write_back(self, request: Request, index: int) -> AgentBlocks:
-        """Store the tokens of row ``index`` its agent's blocks do not hold yet; returns the new handle."""
+    def _write_back(self, request: Request, index: int, force: bool = True) -> AgentBlocks:
+        """Store the tokens of row ``index`` its agent's blocks do not hold yet; returns the new handle.
+
+        ``force``: past the budget (a write-back that frees the working cache right after)."""
         sources, ring = self.batch.row_caches(index)
         tokens = request.all_tokens
         total = self.batch.row_tokens(index)
@@ -170,7 +175,7 @@ class Stepper(Interruptions):
             raise GenerationError(f"the cache holds {total} tokens, the request {len(tokens)}")
         history = request.history
         plans = plan_extension(self.pool, history.base, total, history.pending, self.checkpoints.every)
-        blocks = extend_blocks(self.pool, history.base, plans, dict(enumerate(sources)), tokens, ring, force=True)
+        blocks = extend_blocks(self.pool, history.base, plans, dict(enumerate(sources)), tokens, ring, force=force)
         history.pending = {}  # the snapshots are the handle's now
         return blocks
 
@@ -320,3 +325,18 @@ class Stepper(Interruptions):
         self.admission = None
         self._join_reserved = 0
         self.charge()
+        for request in requests:
+            if request.params.share_prompt is not None:
+                self._share_prompt(request)
+
+    def _share_prompt(self, request: Request) -> None:
+        """Write a just-prefilled prompt to blocks now (not at its end), within the budget, and hand
+        them to the request's ``share_prompt``; the row keeps decoding from its working cache."""
+        index = next(i for i, row in enumerate(self.batch.rows) if row.owner is request)
+        try:
+            blocks = self._write_back(request, index, force=False)
+        except (BlockPoolError, ValueError) as error:  # no room (or the row's cache disagrees): it is shared at its end
+            log.debug("agent %r: prompt not shared early: %s", request.agent_id, error)
+            return
+        request.history.base = blocks
+        request.params.share_prompt(blocks)

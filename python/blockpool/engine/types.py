@@ -106,6 +106,7 @@ class Params:
     logits_processors: list[LogitsProcessor]
     stop: list[str]
     progress: ProgressCallback | None
+    share_prompt: Callable[[AgentBlocks], None] | None = None
 
 
 @dataclass(eq=False)

@@ -156,7 +156,7 @@ class TicketPlanner:
                 prefilling.add(head)
             self.waiting.remove(ticket)
             self.tickets[ticket.key] = ticket
-            operations.append(Submit(ticket.key, agent_id, ticket.tokens, ticket.params))
+            operations.append(Submit(ticket.key, agent_id, ticket.tokens, ticket.params, share_prompt=fresh))
         return operations
 
     def head(self, ticket: Ticket) -> tuple[int, ...] | None:
@@ -167,17 +167,28 @@ class TicketPlanner:
         """Whether the agent's last turn is written (so its next request may start without waiting on disk)."""
         return self.memory.wait_durable(agent_id, timeout=0)
 
+    def first_token(self, ticket: Ticket) -> None:
+        """A ticket's first token: a new agent's prompt is prefilled, and the store indexed its
+        blocks then (``share_prompt``), so the tickets waiting on its first block may go."""
+        if ticket.fresh:
+            ticket.fresh = False
+            self._remember(self.head(ticket))
+
+    def _remember(self, head: tuple[int, ...] | None) -> None:
+        if head is None:
+            return
+        self._known_heads[head] = None
+        self._known_heads.move_to_end(head)
+        while len(self._known_heads) > KNOWN_HEADS:
+            self._known_heads.popitem(last=False)
+
     def ended(self, ticket: Ticket | None, completion: Any) -> None:
         """A request ended: remember the prefix it left in the pool; keep or drop an anonymous agent."""
         ok = completion.finish_reason in ("stop", "length")
         if ticket is not None:
             self.tickets.pop(ticket.key, None)
-            head = self.head(ticket)
-            if head is not None and ok:
-                self._known_heads[head] = None
-                self._known_heads.move_to_end(head)
-                while len(self._known_heads) > KNOWN_HEADS:
-                    self._known_heads.popitem(last=False)
+            if ok:
+                self._remember(self.head(ticket))
         agent_id = completion.agent_id
         if is_anonymous(agent_id):
             blocks = completion.blocks

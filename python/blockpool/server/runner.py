@@ -309,6 +309,7 @@ class EngineRunner:
             sampler=make_request_sampler(params, self._special_tokens),
             logits_processors=make_request_processors(params),
             stop=params.stop,
+            share_prompt=op.share_prompt,
         )
 
     def _on_event(self, event: Any) -> None:
@@ -318,6 +319,8 @@ class EngineRunner:
             # A token, with its text delta (the last one comes with the completion).
             if ticket.first_token_at is None:
                 ticket.first_token_at = time.perf_counter()
+                if self.lockstep.rank == 0:
+                    self._planner.first_token(ticket)
             logprob = _token_logprob(event, ticket.params.top_logprobs) if ticket.params.logprobs else None
             if logprob is not None:
                 ticket.logprobs.append(logprob)

@@ -31,6 +31,7 @@ class Submit:
     agent_id: str
     tokens: list[int]
     params: GenerationParams
+    share_prompt: bool = False  # a new agent's prompt: indexed for others once prefilled
 
 
 @dataclass

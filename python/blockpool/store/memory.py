@@ -27,6 +27,7 @@ shared prefixes in :mod:`.prefix_index`.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -88,6 +89,7 @@ class AgentMemory:
         self.engine, self.pool, self.spec = engine, engine.pool, engine.pool.spec
         self.durable, self.deterministic = durable, deterministic
         self._files = AgentFiles(cache_dir, engine.model, self.spec)
+        self._early_prompts: deque[tuple[AgentBlocks, list[int]]] = deque()  # see _index_prompt
         self.cache_dir = self._files.cache_dir
         self._lock = threading.RLock()
         self._tiers = Tiers(self.pool)
@@ -111,6 +113,7 @@ class AgentMemory:
         *,
         tools: Sequence[dict[str, Any]] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        share_prompt: bool = False,
         **generation_args: Any,
     ) -> int:
         """Submit an agent's full prompt; only what its cache lacks is prefilled.
@@ -123,6 +126,12 @@ class AgentMemory:
                 chat template.
             tools: Tool definitions for the chat template (chat prompts only).
             chat_template_kwargs: Other chat template arguments (chat prompts only).
+            share_prompt: For an agent without a cache of its own: index the
+                prompt's full blocks for other agents as soon as it is
+                prefilled, not when it completes (the engine's
+                ``share_prompt``), so that agents arriving together with one
+                system prompt prefill it once. The prompt's KV is held twice
+                while the request decodes; skipped when the budget has no room.
             generation_args: ``max_tokens``, ``sampler``, ``logits_processors``,
                 ``stop`` and ``prompt_progress_callback``, as for the engine.
 
@@ -152,9 +161,12 @@ class AgentMemory:
                 raise InvalidRequestError("the store is closed")
             if self._tiers.is_busy(agent_id):
                 raise InvalidRequestError(f"agent {agent_id!r} already has a generation in flight")
-            return self._submit_locked(agent_id, tokens, loaded, generation_args)
+            return self._submit_locked(agent_id, tokens, loaded, generation_args, share_prompt)
 
-    def _submit_locked(self, agent_id: str, tokens: list[int], loaded: Any, generation_args: dict[str, Any]) -> int:
+    def _submit_locked(
+        self, agent_id: str, tokens: list[int], loaded: Any, generation_args: dict[str, Any], share_prompt: bool
+    ) -> int:
+        self._index_early_prompts_locked()
         tiers = self._tiers
         hot, unwritten = tiers.hot.get(agent_id), tiers.unwritten.get(agent_id)
         if hot is not None and loaded is not None:  # the file holds more than the hot prefix: take the better
@@ -177,6 +189,8 @@ class AgentMemory:
         elif resume.kind != "cold":
             queued, source = queue_own(self.pool, self._spiller, agent_id, tokens[: resume.keep], hot, file, unwritten)
             tiers.queued[agent_id] = queued
+        if share_prompt and resume.kind in ("cold", "shared") and len(tokens) - resume.keep >= self.spec.block_tokens:
+            generation_args = {**generation_args, "share_prompt": self._index_prompt}
         try:
             uid = self.engine.submit(agent_id, tokens[resume.keep :], cache=source, **generation_args)
         except BaseException:
@@ -217,6 +231,9 @@ class AgentMemory:
     def stream(self) -> Iterator[GenerationEvent]:
         """Like :meth:`step`, also yielding each token."""
         for event in self.engine.stream():
+            if self._early_prompts:
+                with self._lock:
+                    self._index_early_prompts_locked()
             if event.completion is not None:
                 event.completion = self._on_completion(event.completion)
             yield event
@@ -224,6 +241,9 @@ class AgentMemory:
     def tick(self) -> list[GenerationEvent]:
         """One engine iteration (see :meth:`BlockPoolBatchEngine.tick`), completions recorded."""
         events = self.engine.tick()
+        if self._early_prompts:
+            with self._lock:
+                self._index_early_prompts_locked()
         for event in events:
             if event.completion is not None:
                 event.completion = self._on_completion(event.completion)
@@ -347,6 +367,19 @@ class AgentMemory:
         return to_token_ids(self.engine.tokenizer, prompt, vocab_size=self.engine.vocab_size, **template_args)
 
     # ------------------------------------------------------------ completions
+
+    def _index_prompt(self, blocks: AgentBlocks) -> None:
+        # Called by the engine, mid-step: the store's lock may be held by a thread that waits on the
+        # engine, so the blocks are only noted here (with their generations) and indexed by the next
+        # submit or event the store handles, which is before anyone sees this request's first token.
+        self._early_prompts.append((blocks, [self.pool.generation(b) for b in blocks.all_blocks()]))
+
+    def _index_early_prompts_locked(self) -> None:
+        while self._early_prompts:
+            blocks, generations = self._early_prompts.popleft()
+            # A block freed (a cancel) or rewritten since is not indexed: its generation moved on.
+            if all(self.pool.is_live(b, g) for b, g in zip(blocks.all_blocks(), generations)):
+                self._index.register(blocks)
 
     def _on_completion(self, completion: CompletedGeneration) -> CompletedGeneration:
         agent_id, blocks = completion.agent_id, completion.blocks
