@@ -166,3 +166,21 @@ def test_past_max_connections_new_requests_get_503(server):
         for sock in held:
             sock.close()
     wait_until(lambda: server.request("GET", "/health")[0] == 200)
+
+
+def test_a_body_over_32_mib_is_413(server):
+    size = (32 << 20) + 1024
+    sock = connect(server)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
+    )
+    sock.sendall(head.encode())
+    chunk = b" " * (1 << 20)
+    try:
+        for _ in range(size // len(chunk) + 1):
+            sock.sendall(chunk)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server answered and closed once past the limit
+    sock.settimeout(10)
+    assert b"413" in sock.recv(65536).split(b"\r\n")[0]
