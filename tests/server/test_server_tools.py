@@ -158,7 +158,8 @@ def test_the_agent_resumes_across_the_tool_result_turn(server, tokenizer):
         tool_model.AFTER_RESULT, tools=tool_model.TOOLS, add_generation_prompt=True
     )
     assert second.usage.prompt_tokens == len(prompt_two)
-    assert second.usage.prompt_tokens_details.cached_tokens == common_prefix(held, prompt_two) > len(prompt_one)
+    # At least what the agent held of it; another agent's blocks may give more (shared to the token).
+    assert second.usage.prompt_tokens_details.cached_tokens >= common_prefix(held, prompt_two) > len(prompt_one)
 
 
 def test_tool_choice_none_renders_no_tools_and_parses_no_calls(server, tokenizer):
@@ -272,7 +273,8 @@ def test_anthropic_agent_resumes_across_the_tool_result(server, tokenizer):
     prompt_two = tokenizer.apply_chat_template(
         tool_model.AFTER_RESULT, tools=tool_model.TOOLS, add_generation_prompt=True
     )
-    assert second.usage.cache_read_input_tokens == common_prefix(held, prompt_two) > len(prompt_one)
+    # At least what the agent held of it; another agent's blocks may give more (shared to the token).
+    assert second.usage.cache_read_input_tokens >= common_prefix(held, prompt_two) > len(prompt_one)
     assert second.usage.input_tokens + second.usage.cache_read_input_tokens == len(prompt_two)
 
 

@@ -154,6 +154,13 @@ class CacheKind(ABC):
         """What the prefix index may record for this layer: logical block ``j`` (the chain key of the
         tokens up to ``(j + 1) * B``) -> ``(block, first valid position)``."""
 
+    def partial_units(self, agent: Any, layer_id: int) -> dict[int, tuple[Any, int]]:
+        """Blocks whose first tokens another agent may take, down to a part of one (a shared block is
+        copied before it is written): logical block ``j`` -> ``(block, first valid position)``,
+        the last, partly filled block included. None by default: a state layer's state exists
+        only at its checkpoints, so it cannot be shared from inside a block."""
+        return {}
+
     @abstractmethod
     def lookup_units(
         self, chain: list[dict[int, tuple[Any, int]]], layer_id: int, length: int, block_tokens: int

@@ -116,13 +116,19 @@ class TokenKind(CacheKind):
         )
 
     def index_units(self, agent: Any, layer_id: int) -> dict[int, tuple[Any, int]]:
+        return self._units(agent, layer_id, agent.total_tokens // agent.spec.block_tokens)
+
+    def partial_units(self, agent: Any, layer_id: int) -> dict[int, tuple[Any, int]]:
+        return self._units(agent, layer_id, blocks_for(agent.total_tokens, agent.spec.block_tokens))
+
+    def _units(self, agent: Any, layer_id: int, upto: int) -> dict[int, tuple[Any, int]]:
+        # The held blocks before logical block ``upto`` that hold valid tokens, with where they start.
         b = agent.spec.block_tokens
-        full = agent.total_tokens // b
         blocks, first = agent.blocks[layer_id], first_block(agent, layer_id)
         valid = self.valid_start(agent, layer_id)
         return {
             j: (blocks[j - first], max(valid, j * b))
-            for j in range(max(first, valid // b), min(full, first + len(blocks)))
+            for j in range(max(first, valid // b), min(upto, first + len(blocks)))
         }
 
     def lookup_units(

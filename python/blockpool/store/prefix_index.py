@@ -3,7 +3,16 @@
 Block ``j`` of a sequence is keyed by ``h_j = sha256(h_{j-1} || tokens of
 block j)``, so equal keys mean equal token prefixes, and agents whose
 prompts start the same can hold the same physical blocks (reference counted
-in the pool). Only full blocks are indexed: a shared block is never written.
+in the pool). A shared block is never written: the pool refuses to write a
+block with more than one holder, and a handle whose last, partly used block
+is shared gets a copy of it before it grows.
+
+A prompt that diverges inside a block also shares the part before the
+divergence: each block is also recorded under its parent's key with its own
+tokens, so after the chain of whole blocks ends, the block whose tokens
+start like the prompt's next ones gives its first tokens (at least
+:data:`MIN_PARTIAL_TOKENS`). This is what ``mlx_lm.server``'s prompt cache
+gets by matching to the token.
 
 The index holds no references of its own. Each entry remembers the block's
 generation (bumped by the pool at every allocation and write), so an entry
@@ -17,7 +26,8 @@ tokens are valid, and a prefix is only shared if every window it needs is.
 A recurrent layer's checkpoint is indexed with the block that ends at its
 position, so a prefix of a hybrid model is shared only at a checkpoint.
 Which units a layer records and needs is its cache kind's rule
-(``index_units``, ``lookup_units``).
+(``index_units``, ``partial_units``, ``lookup_units``); a recurrent layer
+records none inside a block, so a hybrid model shares whole blocks only.
 """
 
 from __future__ import annotations
@@ -45,41 +55,54 @@ def chain_hashes(tokens: Sequence[int], num_blocks: int, block_tokens: int) -> l
     return keys
 
 
+#: The fewest tokens worth sharing from inside a block (sharing costs the follower a copy of it).
+MIN_PARTIAL_TOKENS = 16
+
+Entry = dict[int, tuple[KVBlock, int, int]]  # layer -> (block, generation, valid from)
+
+
 class PrefixIndex:
     """Which live blocks hold which token prefixes."""
 
     def __init__(self, pool: BlockPool):
         self.pool = pool
-        self._entries: dict[
-            bytes, dict[int, tuple[KVBlock, int, int]]
-        ] = {}  # key -> layer -> (block, generation, valid from)
+        self._entries: dict[bytes, Entry] = {}  # chain key of a whole block -> its blocks
+        # Parent's chain key (b"" for the first block) -> a block's own tokens (int32 bytes) -> its blocks.
+        self._children: dict[bytes, dict[bytes, Entry]] = {}
 
     def register(self, agent: AgentBlocks) -> None:
-        """Index what an agent holds of its full blocks (and the checkpoints that end at them)."""
+        """Index what an agent holds of its blocks (and the checkpoints that end at them)."""
         b = agent.spec.block_tokens
         keys = chain_hashes(agent.token_ids, agent.total_tokens // b, b)
         indexed = []
         for layer_id in range(agent.spec.num_layers):
-            for j, (block, valid) in agent.spec.kind(layer_id).index_units(agent, layer_id).items():
-                if j >= len(keys):
-                    continue
-                entry = self._entries.setdefault(keys[j], {})
-                known = entry.get(layer_id)
-                indexed.append(block)
-                if known is None or not self._alive(*known):
-                    entry[layer_id] = (block, self.pool.generation(block), valid)
+            kind = agent.spec.kind(layer_id)
+            for j, (block, valid) in kind.index_units(agent, layer_id).items():
+                if j < len(keys):
+                    self._record(self._entries.setdefault(keys[j], {}), layer_id, block, valid)
+                    indexed.append(block)
+            for j, (block, valid) in kind.partial_units(agent, layer_id).items():
+                parent = keys[j - 1] if j else b""
+                own = _token_bytes(agent.token_ids[j * b : min((j + 1) * b, agent.total_tokens)])
+                self._record(self._children.setdefault(parent, {}).setdefault(own, {}), layer_id, block, valid)
         self.pool.mark_cacheable(indexed)
-        if len(self._entries) > 4 * self.pool.total_blocks:
+        if len(self._entries) + sum(map(len, self._children.values())) > 4 * self.pool.total_blocks:
             self._prune()
 
+    def _record(self, entry: Entry, layer_id: int, block: KVBlock, valid: int) -> None:
+        known = entry.get(layer_id)
+        if known is None or not self._alive(*known):
+            entry[layer_id] = (block, self.pool.generation(block), valid)
+
     def lookup(self, tokens: Sequence[int], limit: int) -> tuple[int, dict[int, list[KVBlock]]]:
-        """The longest prefix of ``tokens`` (at most ``limit`` tokens, whole blocks) that live blocks hold.
+        """The longest prefix of ``tokens`` (at most ``limit`` tokens) that live blocks hold.
 
         Returns:
             Its length, and per layer the blocks an agent resuming at that
             length needs (every block for a full layer, the window's blocks
             for a sliding one, the checkpoint at that length for a recurrent
-            one). ``(0, {})`` when nothing matches.
+            one; the last block may hold more tokens than the prefix, and is
+            then copied before it is written). ``(0, {})`` when nothing matches.
         """
         spec = self.pool.spec
         b = spec.block_tokens
@@ -88,22 +111,48 @@ class PrefixIndex:
         required = [i for i in range(spec.num_layers) if spec.kind(i).chain_required()]
         chain: list[dict[int, tuple[KVBlock, int]]] = []
         for key in keys:
-            entry = self._entries.get(key, {})
-            live = {layer: (blk, valid) for layer, (blk, gen, valid) in entry.items() if self._alive(blk, gen)}
+            live = self._live(self._entries.get(key, {}))
             if not live or not all(layer in live for layer in required):
                 break
             chain.append(live)
+        partial = self._partial(tokens, limit, keys[len(chain) - 1] if chain else b"", len(chain) * b)
+        if partial is not None:
+            found = self._units(chain + [partial[1]], partial[0])
+            if found is not None:
+                return partial[0], found
         for j in range(len(chain) - 1, -1, -1):  # longest first
-            length = (j + 1) * b
-            blocks: dict[int, list[KVBlock]] = {}
-            for layer_id in range(spec.num_layers):
-                found = spec.kind(layer_id).lookup_units(chain[: j + 1], layer_id, length, b)
-                if found is None:
-                    break
-                blocks[layer_id] = found
-            else:
-                return length, blocks
+            found = self._units(chain[: j + 1], (j + 1) * b)
+            if found is not None:
+                return (j + 1) * b, found
         return 0, {}
+
+    def _partial(
+        self, tokens: Sequence[int], limit: int, parent: bytes, start: int
+    ) -> tuple[int, dict[int, tuple[KVBlock, int]]] | None:
+        # The recorded block under ``parent`` whose tokens start most like tokens[start:limit].
+        wanted = np.asarray(tokens[start : min(limit, start + self.pool.spec.block_tokens)], dtype=np.int32)
+        best, best_live = 0, None
+        for own, entry in self._children.get(parent, {}).items():
+            n = common_length(np.frombuffer(own, dtype=np.int32), wanted)
+            if n >= max(best + 1, MIN_PARTIAL_TOKENS):
+                live = self._live(entry)
+                if live:
+                    best, best_live = n, live
+        return None if best_live is None else (start + best, best_live)
+
+    def _units(self, chain: list[dict[int, tuple[KVBlock, int]]], length: int) -> dict[int, list[KVBlock]] | None:
+        # Per layer, the blocks a prefix of ``length`` tokens needs along ``chain``; None if one is missing.
+        spec = self.pool.spec
+        blocks: dict[int, list[KVBlock]] = {}
+        for layer_id in range(spec.num_layers):
+            found = spec.kind(layer_id).lookup_units(chain, layer_id, length, spec.block_tokens)
+            if found is None:
+                return None
+            blocks[layer_id] = found
+        return blocks
+
+    def _live(self, entry: Entry) -> dict[int, tuple[KVBlock, int]]:
+        return {layer: (blk, valid) for layer, (blk, gen, valid) in entry.items() if self._alive(blk, gen)}
 
     def handle_fields(self, length: int) -> dict[str, dict[int, Any]]:
         """For a prefix :meth:`lookup` returned: the handle's ``valid_from`` (token layers) and
@@ -118,9 +167,27 @@ class PrefixIndex:
         return self.pool.is_live(block, generation)
 
     def _prune(self) -> None:
-        for key in list(self._entries):
-            live = {layer: v for layer, v in self._entries[key].items() if self._alive(*v)}
-            if live:
-                self._entries[key] = live
-            else:
-                del self._entries[key]
+        self._entries = _pruned(self._entries, self._alive)
+        children = {parent: _pruned(entries, self._alive) for parent, entries in self._children.items()}
+        self._children = {parent: entries for parent, entries in children.items() if entries}
+
+
+def _pruned(entries: dict[Any, Entry], alive: Any) -> dict[Any, Entry]:
+    # The entries with their live layers, those with none left out.
+    out = {}
+    for key, entry in entries.items():
+        live = {layer: v for layer, v in entry.items() if alive(*v)}
+        if live:
+            out[key] = live
+    return out
+
+
+def _token_bytes(tokens: Sequence[int]) -> bytes:
+    return np.asarray(tokens, dtype=np.int32).tobytes()
+
+
+def common_length(a: np.ndarray, b: np.ndarray) -> int:
+    """The length of the longest common prefix of two token arrays."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if differ.size else n

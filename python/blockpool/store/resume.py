@@ -102,8 +102,7 @@ def choose_resume(tokens: Sequence[int], hot: AgentBlocks | None, file: Any, ind
         # The longest common prefix, cut back to where every layer can resume from (a recurrent layer:
         # its last checkpoint at or before the divergence); the rest is recomputed.
         own = resume_point(own_cache, min(common_prefix(own_cache.token_ids, tokens), limit))
-    whole = limit - limit % index.pool.spec.block_tokens  # the prefix index holds whole blocks only
-    length, shared = index.lookup(tokens, limit) if own < whole else (0, {})
+    length, shared = index.lookup(tokens, limit) if own < limit else (0, {})
     if length > own:
         return Resume("shared", length, shared)
     if own > 0:
