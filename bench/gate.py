@@ -60,6 +60,10 @@ SEQUENTIAL = "multi-agent workload, sequential"
 CONCURRENT = "multi-agent workload, all agents at once"
 HEAD_TO_HEAD = "server head to head, 6 agents x 3 turns"
 PAIRED_SERVER = "test_server_head_to_head_vs_mlx_lm_server"
+SIXTEEN = "server head to head, 16 agents x 4 turns"
+PAIRED_SIXTEEN = "test_server_16_agents_vs_mlx_lm_server"
+SHARED_PROMPT = "server, 16 new agents with one 2,000-token system prompt"
+PAIRED_SHARED_PROMPT = "test_server_shared_system_prompt_16_agents"
 PAIRED_HYBRID = "test_ttft_hybrid_warm_engine_vs_mlx_lm_kept_cache"
 PAIRED_SHARED = "test_ttft_hybrid_shared_prefix_vs_cold"
 HYBRID_TTFT = "hybrid TTFT, 4096 cached + 1 new token"
@@ -158,6 +162,28 @@ CHECKS: list[Check | Bound] = [
         quick=True,
         quick_minimum=1 / 1.15,
     ),  # 0.66x to 0.99x over the day's runs: the two servers share 2 cores
+    Check(
+        "blockpool serve vs mlx_lm.server, 16 agents x 4 turns at once (wall at most 1.0x)",
+        SIXTEEN,
+        f"{PAIRED_SIXTEEN}:blockpool_median_ms",
+        f"{PAIRED_SIXTEEN}:mlx_lm_server_median_ms",
+        1.0,
+    ),
+    Check(
+        "blockpool serve vs mlx_lm.server, 16 new agents with one 2,000-token system prompt (wall at most 1.0x)",
+        SHARED_PROMPT,
+        f"{PAIRED_SHARED_PROMPT}:blockpool_median_ms",
+        f"{PAIRED_SHARED_PROMPT}:mlx_lm_server_median_ms",
+        1.0,
+    ),
+    # One system prompt and 16 agents' own tails: 1/16 of the prompt tokens plus the tails (0.08 here).
+    Bound(
+        "16 new agents with one system prompt: share of the prompt tokens prefilled (<= 0.1)",
+        SHARED_PROMPT,
+        PAIRED_SHARED_PROMPT,
+        "blockpool_prefilled_share",
+        0.1,
+    ),
     # Measured 1.5x-1.6x on the tiny model here (8 ms against 5 ms): about 3 ms of fixed cost per resume
     # (checks, resume choice, admission, the event path) that a 5 ms step does not hide. CI holds 2x.
     Check(

@@ -5,8 +5,10 @@ then ``turns`` user messages, each sent with the whole conversation so far
 (as agent frameworks do) and streamed back. Agents run concurrently; an
 agent's turns run one after another. Recorded: the wall time of the whole
 workload, each request's time to first token (the first chunk carrying
-text), and every answer, so that two servers can be checked for the same
-text and a server for mlx-lm's text.
+text), every answer, so that two servers can be checked for the same text
+and a server for mlx-lm's text, and each request's prompt and cached
+tokens as the server's usage reports them (``prefilled_tokens``: what it
+computed).
 """
 
 from __future__ import annotations
@@ -36,6 +38,13 @@ class WorkloadResult:
     answers: dict[tuple[str, int], str] = field(default_factory=dict)
     conversations: dict[tuple[str, int], list[dict]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
+    cached_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def prefilled_tokens(self) -> int:
+        """Prompt tokens the server computed rather than took from its cache, over every request."""
+        return sum(self.prompt_tokens) - sum(self.cached_tokens)
 
 
 @dataclass
@@ -66,17 +75,19 @@ class ChatWorkload:
                     }
                 )
                 sent = time.perf_counter()
-                first, parts = None, []
+                first, parts, usage = None, [], None
                 try:
                     stream = client.chat.completions.create(
                         model="default_model",
                         messages=messages,
                         max_tokens=self.max_tokens,
                         stream=True,
+                        stream_options={"include_usage": True},
                         extra_headers={"X-Agent-Id": name},
                         **({"logit_bias": self.logit_bias} if self.logit_bias else {}),
                     )
                     for chunk in stream:
+                        usage = chunk.usage or usage
                         text = chunk.choices[0].delta.content if chunk.choices else None
                         if text:
                             first = first or time.perf_counter()
@@ -91,6 +102,10 @@ class ChatWorkload:
                     result.answers[(name, turn)] = answer
                     if first is not None:
                         result.ttft_s.append(first - sent)
+                    if usage is not None:
+                        result.prompt_tokens.append(usage.prompt_tokens)
+                        details = usage.prompt_tokens_details
+                        result.cached_tokens.append((details.cached_tokens or 0) if details else 0)
                 messages.append({"role": "assistant", "content": answer})
 
         threads = [threading.Thread(target=agent, args=(i,)) for i in range(self.agents)]

@@ -327,6 +327,16 @@ def _(w):
     assert (info.agent_id, info.where, info.tokens) == ("a", "pool", 8)
 
 
+@row("AgentMemory.shared_tokens")
+def _(w):
+    prompt = list(range(5, 45))
+    assert w.memory.shared_tokens(prompt) == 0  # nothing held yet
+    w.memory.submit("a", prompt, max_tokens=2)
+    list(w.memory.step())
+    # Another agent's prompt that starts with the same 30 tokens takes them (a part of a block).
+    assert w.memory.shared_tokens(prompt[:30] + [3, 3, 3]) == 30
+
+
 @row("AgentMemory.spill", "AgentMemory.forget", "AgentMemory.file_bytes")
 def _(w):
     w.hot_agent()

@@ -207,6 +207,28 @@ def test_stream_yields_tokens_then_one_completion_per_request(llama):
         pool.release(ends[uid].blocks)
 
 
+def test_a_cancel_during_a_long_prefill_takes_effect_before_the_next_chunk(load_tiny):
+    """A cancel from another thread while a prompt prefills stops it at the end of the chunk that
+    is running: no further chunk runs, and the pool gets everything back."""
+    model, tokenizer = load_tiny("llama")
+    pool = BlockPool(ModelCacheSpec.from_model(model), num_blocks=40)
+    engine = BlockPoolBatchEngine(model, tokenizer, pool, prefill_step_size=64)
+    progress: list[int] = []
+    uid = None
+
+    def on_progress(done: int, total: int) -> None:
+        progress.append(done)
+        if done == 64:  # the first chunk is in: cancel as another thread would
+            threading.Thread(target=engine.cancel, args=(uid,)).start()
+            threading.Event().wait(0.05)  # the other thread's cancel lands while this chunk ends
+
+    uid = engine.submit("a", tokens(1000, 30), max_tokens=4, prompt_progress_callback=on_progress)
+    (done,) = list(engine.step())
+    assert done.finish_reason == "cancelled" and done.blocks.total_tokens == 0  # a cold request: no history
+    assert progress == [0, 64]  # 15 more chunks were due; none ran
+    assert pool.available_blocks() == 40
+
+
 def test_cancel_pending_and_running_requests(llama):
     _, _, pool, engine = llama
     engine.submit("a", tokens(20, 8), max_tokens=6)

@@ -10,10 +10,12 @@ deletes, stop) into operations that every rank applies:
   agent has a request in flight or queued;
 - **prefix-aware admission**: a ticket of an agent the store does not know,
   whose prompt starts with the same full block of tokens as a request of
-  another new agent still in flight, waits for that request to finish. The
-  store then shares the finished request's blocks, so the prefix (a system
-  prompt common to many agents) is prefilled once instead of once per
-  agent, as ``mlx_lm.server`` gets from caching its prompt segments.
+  another new agent still in flight, waits until the store holds that
+  request's prompt blocks: from its first token (the early copy,
+  ``share_prompt``), or from its end when the budget had no room for that
+  copy. The store then shares those blocks, so the prefix (a system prompt
+  common to many agents) is prefilled once instead of once per agent, as
+  ``mlx_lm.server`` gets from caching its prompt segments.
 """
 
 from __future__ import annotations
@@ -168,9 +170,10 @@ class TicketPlanner:
         return self.memory.wait_durable(agent_id, timeout=0)
 
     def first_token(self, ticket: Ticket) -> None:
-        """A ticket's first token: a new agent's prompt is prefilled, and the store indexed its
-        blocks then (``share_prompt``), so the tickets waiting on its first block may go."""
-        if ticket.fresh:
+        """A ticket's first token: a new agent's prompt is prefilled. If the store indexed its
+        blocks then (``share_prompt``), the tickets waiting on its first block may go; if the
+        budget had no room for that early copy, they keep waiting for the request's end."""
+        if ticket.fresh and self.memory.shared_tokens(ticket.tokens) >= self.block_tokens:
             ticket.fresh = False
             self._remember(self.head(ticket))
 

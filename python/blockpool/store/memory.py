@@ -258,6 +258,13 @@ class AgentMemory:
                 return "pool"
             return "disk" if self._files.exists(agent_id) else "none"
 
+    def shared_tokens(self, tokens: Sequence[int]) -> int:
+        """How many leading tokens of ``tokens`` a new agent would take from other agents' blocks
+        now (whole blocks; 0 when the pool holds none of it)."""
+        with self._lock:
+            self._index_early_prompts_locked()
+            return self._index.lookup(tokens, len(tokens))[0]
+
     def agents(self) -> list[AgentInfo]:
         """Every agent the store knows, with where it lives, its tokens and its bytes."""
         with self._lock:
