@@ -1,11 +1,13 @@
 // The Python module blockpool._ext: bindings only, no logic.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
 #include <sstream>
 
+#include "attention_ops.h"
 #include "block_ops.h"
 #include "cpu/parallel.h"
 
@@ -34,6 +36,20 @@ std::vector<blockpool::BlockIds> to_block_ids(
   }
   return out;
 }
+
+using Planes = std::tuple<mx::array, mx::array, mx::array>;
+
+std::vector<blockpool::QuantizedBlock> to_quantized(
+    const std::optional<std::vector<Planes>>& blocks) {
+  std::vector<blockpool::QuantizedBlock> out;
+  for (const auto& [packed, scales, biases] : blocks.value_or(std::vector<Planes>{})) {
+    out.push_back({packed, scales, biases});
+  }
+  return out;
+}
+
+using Write =
+    std::tuple<int, std::optional<mx::array>, int64_t, int64_t, int64_t, int64_t>;
 
 }  // namespace
 
@@ -166,4 +182,71 @@ NB_MODULE(_ext, m) {
               ", *, block_tokens: int = 256, " BP_STREAM
               ") -> list[list[mlx.core.array]]"),
       BP_DOC("split_blocks"));
+
+  m.def(
+      "paged_attention",
+      [](const mx::array& queries, const std::vector<mx::array>& key_blocks,
+         const std::vector<mx::array>& value_blocks,
+         const std::vector<std::vector<int32_t>>& block_tables,
+         const std::vector<int32_t>& context_lengths,
+         const std::vector<int32_t>& query_starts, float scale, int64_t window,
+         float softcap, const std::optional<mx::array>& sinks,
+         const std::optional<std::vector<int32_t>>& ring_bases,
+         const std::optional<std::vector<Planes>>& quantized_keys,
+         const std::optional<std::vector<Planes>>& quantized_values,
+         int group_size, int bits, mx::StreamOrDevice s) {
+        blockpool::PagedAttentionOptions options;
+        options.scale = scale;
+        options.window = window;
+        options.softcap = softcap;
+        options.sinks = sinks;
+        options.ring_bases = ring_bases.value_or(std::vector<int32_t>{});
+        options.group_size = group_size;
+        options.bits = bits;
+        return blockpool::paged_attention(
+            queries, key_blocks, value_blocks, to_quantized(quantized_keys),
+            to_quantized(quantized_values), block_tables, context_lengths,
+            query_starts, options, s);
+      },
+      "queries"_a, "key_blocks"_a, "value_blocks"_a, "block_tables"_a,
+      "context_lengths"_a, "query_starts"_a, nb::kw_only(), "scale"_a,
+      "window"_a = 0, "softcap"_a = 0.0f, "sinks"_a = nb::none(),
+      "ring_bases"_a = nb::none(), "quantized_keys"_a = nb::none(),
+      "quantized_values"_a = nb::none(), "group_size"_a = 64, "bits"_a = 0,
+      "stream"_a = nb::none(),
+      nb::sig("def paged_attention(queries: mlx.core.array, key_blocks: " BP_ARRAYS
+              ", value_blocks: " BP_ARRAYS
+              ", block_tables: collections.abc.Sequence[collections.abc.Sequence[int]]"
+              ", context_lengths: collections.abc.Sequence[int]"
+              ", query_starts: collections.abc.Sequence[int], *, scale: float"
+              ", window: int = 0, softcap: float = 0.0"
+              ", sinks: mlx.core.array | None = None"
+              ", ring_bases: collections.abc.Sequence[int] | None = None"
+              ", quantized_keys: collections.abc.Sequence[tuple[mlx.core.array, mlx.core.array, mlx.core.array]] | None = None"
+              ", quantized_values: collections.abc.Sequence[tuple[mlx.core.array, mlx.core.array, mlx.core.array]] | None = None"
+              ", group_size: int = 64, bits: int = 0, " BP_STREAM
+              ") -> mlx.core.array"),
+      BP_DOC("paged_attention"));
+
+  m.def(
+      "write_tokens",
+      [](const std::vector<mx::array>& sources, const std::vector<Write>& writes,
+         int64_t block_tokens, mx::StreamOrDevice s) {
+        std::vector<blockpool::TokenWrite> out;
+        out.reserve(writes.size());
+        for (const auto& [source, dest, row, start, count, offset] : writes) {
+          out.push_back({source, dest, row, start, count, offset});
+        }
+        return blockpool::write_tokens(sources, out, block_tokens, s);
+      },
+      "sources"_a, "writes"_a, nb::kw_only(), "block_tokens"_a = 256,
+      "stream"_a = nb::none(),
+      nb::sig("def write_tokens(sources: " BP_ARRAYS
+              ", writes: collections.abc.Sequence[tuple[int, mlx.core.array | None, int, int, int, int]]"
+              ", *, block_tokens: int = 256, " BP_STREAM ") -> " BP_ARRAY_LIST),
+      BP_DOC("write_tokens"));
+
+  m.def("copied_writes", &blockpool::copied_writes,
+        "Token writes since the process started that copied their whole "
+        "destination block instead of writing in place.");
 }

@@ -6,7 +6,9 @@
 // heads x rows x items read from one buffer and written, contiguous along the
 // items, into another. Dequantization uses DequantSegment the same way. The
 // host builds the plan (csrc/plans.cpp); the CPU walks it with memcpy tiles,
-// a Metal kernel walks it with one thread per copy unit.
+// a Metal kernel walks it with one thread per copy unit. Paged attention
+// (KeyRange and the functions after it) finds the keys a query attends to,
+// the block that holds each, and the order they are summed in.
 //
 // Keep this file to what both languages accept: plain structs of int64_t and
 // int32_t (identical layout in C++ and MSL), inline functions, no pointers
@@ -187,6 +189,59 @@ inline int64_t dequant_out_index(DequantSegment s, int64_t head, int64_t row,
                                  int64_t item) {
   return s.out_offset + head * s.out_head_stride + row * s.out_row_stride +
          item;
+}
+
+// ------------------------------------------------------------- paged attention
+// A query at position t of a row holding `length` tokens attends to the keys
+// at positions [lo, lo + count): every earlier position and its own, at most
+// `window` of them when the layer has a window (0: none), never past the
+// row's last token (a padding query past it attends to the row's end).
+//
+// Sums over keys run in the order mlx-lm's own cache holds them, so that
+// results equal mlx-lm's bit for bit: time order, except one-token steps of
+// a sliding-window layer, whose RotatingKVCache is a ring. Its slot s holds
+// the position p with (p - ring_base) % window == s, where ring_base is the
+// row's token count after its last multi-token step (0 while it held fewer
+// than `window` tokens then); the sum starts at slot 0. ring_base < 0: time
+// order.
+struct KeyRange {
+  int64_t lo;     // first position attended to
+  int64_t count;  // positions attended to
+  int64_t first;  // the sum starts at position lo + first, then wraps
+};
+
+inline KeyRange key_range(int64_t t, int64_t length, int64_t window,
+                          int64_t ring_base) {
+  KeyRange r;
+  int64_t hi = t < length - 1 ? t : length - 1;
+  r.lo = (window > 0 && t - window + 1 > 0) ? t - window + 1 : 0;
+  r.count = hi >= r.lo ? hi - r.lo + 1 : 0;
+  r.first = 0;
+  if (window > 0 && ring_base >= 0 && r.count > 0) {
+    int64_t k0 = ((ring_base - r.lo) % window + window) % window;
+    r.first = k0 < r.count ? k0 : 0;
+  }
+  return r;
+}
+
+// The position of the k-th key summed (0 <= k < r.count).
+inline int64_t key_position(KeyRange r, int64_t k) {
+  int64_t j = r.first + k;
+  return r.lo + (j >= r.count ? j - r.count : j);
+}
+
+// Where position p of a row lives: entry p / block_tokens of its block
+// table (an index into the op's block list, or -1 for a block the row does
+// not hold), at row p % block_tokens of that block. Blocks are [H, B, D],
+// contiguous: (head, row, item) is at (head * B + row) * D + item.
+inline int64_t table_slot(int64_t row_of_batch, int64_t position,
+                          int64_t block_tokens, int64_t table_width) {
+  return row_of_batch * table_width + position / block_tokens;
+}
+
+inline int64_t block_item(int64_t head, int64_t row, int64_t item,
+                          int64_t block_tokens, int64_t dim) {
+  return (head * block_tokens + row) * dim + item;
 }
 
 }  // namespace blockpool_index

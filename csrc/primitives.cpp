@@ -108,4 +108,20 @@ std::vector<mx::Shape> SplitBlocks::output_shapes(
   return shapes;
 }
 
+std::vector<mx::Shape> PagedAttention::output_shapes(
+    const std::vector<mx::array>& inputs) {
+  const auto& q = inputs[0];
+  int first_block = params_.has_sinks ? 2 : 1;
+  int v_dim = params_.full_blocks > 0
+                  ? inputs[first_block + 1].shape(2)
+                  : inputs[first_block + 4].shape(2) * params_.group_size;
+  return {{q.shape(0), q.shape(1), q.shape(2), v_dim}};
+}
+
+std::vector<mx::Shape> WriteTokens::output_shapes(
+    const std::vector<mx::array>& inputs) {
+  const auto& src = inputs[0];
+  return {{src.shape(1), static_cast<int>(params_.block_tokens), src.shape(3)}};
+}
+
 }  // namespace blockpool

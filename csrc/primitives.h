@@ -75,6 +75,38 @@ struct SplitParams {
   bool operator==(const SplitParams&) const = default;
 };
 
+// What a paged attention node records (inputs: queries, [sinks], then per
+// block its key and value arrays, then per quantized block its packed,
+// scales and biases for keys and then for values).
+struct PagedAttentionParams {
+  std::vector<int32_t> tables;  // rows x width, -1 where a row holds no block
+  int64_t width = 0;
+  std::vector<int32_t> lengths;
+  std::vector<int32_t> starts;
+  std::vector<int32_t> ring_bases;  // empty: time order for every row
+  float scale = 1.0f;
+  int64_t window = 0;
+  float softcap = 0.0f;
+  bool has_sinks = false;
+  int64_t full_blocks = 0;
+  int64_t quantized_blocks = 0;
+  int group_size = 0;
+  int bits = 0;
+  int64_t block_tokens = 0;
+  bool operator==(const PagedAttentionParams&) const = default;
+};
+
+// One token write (inputs: the source, then the destination block if any).
+struct WriteTokensParams {
+  int64_t row = 0;
+  int64_t source_start = 0;
+  int64_t count = 0;
+  int64_t offset = 0;
+  int64_t block_tokens = 0;
+  bool has_dest = false;
+  bool operator==(const WriteTokensParams&) const = default;
+};
+
 using Arrays = std::vector<mx::array>;
 
 // The declarations every block primitive shares: it records its parameters
@@ -158,6 +190,30 @@ class SplitBlocks : public BlockPrimitive<SplitParams> {
   const char* name() const override { return "SplitBlocks"; }
   void eval_cpu(const Arrays& inputs, Arrays& outputs) override;
   void eval_gpu(const Arrays& inputs, Arrays& outputs) override;
+  std::vector<mx::Shape> output_shapes(const Arrays& inputs) override;
+};
+
+// Inputs: see PagedAttentionParams. Output: [B, Hq, N, Dv] in the queries'
+// dtype.
+class PagedAttention
+    : public BlockPrimitive<PagedAttentionParams, mx::UnaryPrimitive> {
+ public:
+  using BlockPrimitive::BlockPrimitive;
+  const char* name() const override { return "PagedAttention"; }
+  void eval_cpu(const Arrays& inputs, mx::array& output) override;
+  void eval_gpu(const Arrays& inputs, mx::array& output) override;
+  std::vector<mx::Shape> output_shapes(const Arrays& inputs) override;
+};
+
+// Inputs: [source, dest?]. Output: the written block [H, B, D], sharing the
+// destination's buffer when nothing else references it.
+class WriteTokens
+    : public BlockPrimitive<WriteTokensParams, mx::UnaryPrimitive> {
+ public:
+  using BlockPrimitive::BlockPrimitive;
+  const char* name() const override { return "WriteTokens"; }
+  void eval_cpu(const Arrays& inputs, mx::array& output) override;
+  void eval_gpu(const Arrays& inputs, mx::array& output) override;
   std::vector<mx::Shape> output_shapes(const Arrays& inputs) override;
 };
 

@@ -8,7 +8,7 @@ Two checks, with clang (``-fsyntax-only``, nothing is built or run):
    PyPI). Apple's system headers that metal-cpp includes (objc, CoreFoundation,
    ...) are replaced by minimal stand-ins in ``tools/metal_syntax/apple``.
    This catches what a Mac's C++ compiler would reject in our code.
-2. The kernels, ``csrc/metal/block_copy.metal``, compiled as C++ with their
+2. The kernels, ``csrc/metal/*.metal``, compiled as C++ with their
    ``[[attributes]]`` removed and a stand-in ``<metal_stdlib>``
    (``tools/metal_syntax/msl``). This catches wrong names, types and calls
    (into ``csrc/block_index.h``'s MSL branch too), not MSL's own rules.
@@ -103,14 +103,17 @@ def check_host(compiler: str, mlx: Path, metal: Path) -> bool:
 
 
 def check_kernels(compiler: str) -> bool:
-    kernels = ROOT / "csrc" / "metal" / "block_copy.metal"
-    text = re.sub(r"\[\[[^\[\]]*\]\]", "", kernels.read_text())  # MSL attributes
-    with tempfile.TemporaryDirectory() as tmp:
-        source = Path(tmp) / "block_copy_kernels.cpp"
-        source.write_text(f'#line 1 "{kernels}"\n{text}')
-        cmd = [compiler, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",
-               f"-I{STUBS / 'msl'}", f"-I{ROOT / 'csrc'}", str(source)]  # fmt: skip
-        return run(cmd, f"kernels {kernels.relative_to(ROOT)} as C++ (attributes removed, <metal_stdlib> stand-in)")
+    ok = True
+    for kernels in sorted((ROOT / "csrc" / "metal").glob("*.metal")):
+        text = re.sub(r"\[\[[^\[\]]*\]\]", "", kernels.read_text())  # MSL attributes
+        with tempfile.TemporaryDirectory() as tmp:
+            source = Path(tmp) / f"{kernels.stem}_kernels.cpp"
+            source.write_text(f'#line 1 "{kernels}"\n{text}')
+            cmd = [compiler, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",
+                   f"-I{STUBS / 'msl'}", f"-I{ROOT / 'csrc'}", str(source)]  # fmt: skip
+            what = f"kernels {kernels.relative_to(ROOT)} as C++ (attributes removed, <metal_stdlib> stand-in)"
+            ok &= run(cmd, what)
+    return ok
 
 
 def main(argv: list[str]) -> int:

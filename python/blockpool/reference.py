@@ -124,3 +124,94 @@ def split_blocks(
             blocks.append(block)
         out.append(blocks)
     return out
+
+
+def paged_attention(
+    queries: mx.array,
+    key_blocks: Sequence[mx.array],
+    value_blocks: Sequence[mx.array],
+    block_tables: Sequence[Sequence[int]],
+    context_lengths: Sequence[int],
+    query_starts: Sequence[int],
+    scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
+    sinks: mx.array | None = None,
+    ring_bases: Sequence[int] | None = None,
+    quantized_keys: Sequence[tuple[mx.array, mx.array, mx.array]] = (),
+    quantized_values: Sequence[tuple[mx.array, mx.array, mx.array]] = (),
+    group_size: int = 64,
+    bits: int = 0,
+) -> mx.array:
+    """Reference paged attention: each row's blocks joined (and dequantized), its keys put in the
+    order mlx-lm's cache holds them, then MLX's own ``scaled_dot_product_attention`` with the mask
+    of the row's causal positions and window (a manual softmax when there is a softcap)."""
+
+    def dequantized(planes: Sequence[tuple[mx.array, mx.array, mx.array]]) -> list[mx.array]:
+        return [mx.dequantize(*p, group_size=group_size, bits=bits) for p in planes]
+
+    keys = list(key_blocks) + dequantized(quantized_keys)
+    values = list(value_blocks) + dequantized(quantized_values)
+    rows, q_heads, n, _ = queries.shape
+    v_dim = values[0].shape[2]
+    out = []
+    for b in range(rows):
+        length, start = context_lengths[b], query_starts[b]
+        if length == 0:
+            out.append(mx.zeros((1, q_heads, n, v_dim), dtype=queries.dtype))
+            continue
+        table = list(block_tables[b])
+        some = next(i for i in table if i >= 0)
+        k = mx.concatenate([keys[i if i >= 0 else some] for i in table], axis=1)[:, :length]
+        v = mx.concatenate([values[i if i >= 0 else some] for i in table], axis=1)[:, :length]
+        positions = mx.arange(length)
+        ring = -1 if ring_bases is None else ring_bases[b]
+        if window and ring >= 0 and n == 1:
+            # mlx-lm's ring: slot s holds the position p with (p - ring) % window == s
+            lo = max(0, start - window + 1)
+            first = (ring - lo) % window
+            count = min(start, length - 1) - lo + 1
+            first = first if first < count else 0
+            order = mx.array([lo + (first + i) % count for i in range(count)])
+            k, v, positions = k[:, order], v[:, order], order
+        query_positions = mx.arange(start, start + n)[:, None]
+        mask = positions[None] <= query_positions
+        if window:
+            mask = mask & (positions[None] > query_positions - window)
+        q = queries[b : b + 1]
+        seen = mask.any(axis=-1)[:, None]  # a padding query past the row's end may see no key: zeros
+        if not softcap:
+            attended = mx.fast.scaled_dot_product_attention(q, k[None], v[None], scale=scale, mask=mask, sinks=sinks)
+            out.append(mx.where(seen, attended, mx.zeros_like(attended)))
+            continue
+        repeats = q_heads // k.shape[0]
+        kk, vv = mx.repeat(k, repeats, axis=0)[None], mx.repeat(v, repeats, axis=0)[None]
+        scores = (q * mx.array(scale, dtype=q.dtype)) @ kk.swapaxes(-1, -2)
+        scores = (mx.tanh(scores.astype(mx.float32) / softcap) * softcap).astype(q.dtype)
+        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+        if sinks is not None:
+            column = mx.broadcast_to(sinks.astype(q.dtype)[None, :, None, None], scores.shape[:3] + (1,))
+            scores = mx.concatenate([column, scores], axis=-1)
+        weights = mx.softmax(scores, axis=-1, precise=True)
+        if sinks is not None:
+            weights = weights[..., 1:]
+        attended = weights @ vv
+        out.append(mx.where(seen, attended, mx.zeros_like(attended)))
+    return mx.concatenate(out, axis=0)
+
+
+def write_tokens(
+    sources: Sequence[mx.array],
+    writes: Sequence[tuple[int, mx.array | None, int, int, int, int]],
+    block_tokens: int = 256,
+) -> list[mx.array]:
+    """Reference token writes: ``(source, dest, row, source_start, count, offset)`` puts tokens
+    ``source_start .. + count`` of row ``row`` of ``sources[source]`` at rows ``offset ..`` of
+    ``dest`` (a new block of zeros when None); every other row is the destination's."""
+    out = []
+    for source, dest, row, start, count, offset in writes:
+        src = sources[source]
+        block = mx.zeros((src.shape[1], block_tokens, src.shape[3]), dtype=src.dtype) if dest is None else dest
+        new = src[row, :, start : start + count].astype(src.dtype)
+        out.append(mx.concatenate([block[:, :offset], new, block[:, offset + count :]], axis=1))
+    return out

@@ -20,6 +20,8 @@ NATIVE_NODES = [
     "GatherBlocks",
     "ScatterBlocks",
     "GatherDequantizeBlocks",
+    "PagedAttention",
+    "WriteTokens",
     "ConcatBlocks",
     "ConcatDequantizeBlocks",
     "SplitBlocks",
@@ -66,6 +68,8 @@ BAD = {
     "split_blocks": lambda p: ops.split_blocks([p[:1]], [5], [None], block_tokens=4),
     "gather_dequantize_blocks": lambda p: ops.gather_dequantize_blocks([p], [p], [p], [[0]]),
     "concat_dequantize_blocks": lambda p: ops.concat_dequantize_blocks([[p[0]]], [[p[0]]], [[p[0]]], bits=5),
+    "paged_attention": lambda p: ops.paged_attention(p[:1].reshape(1, 2, 4, 3), [p[0]], [p[0]], [[0]], [9], scale=1.0),
+    "write_tokens": lambda p: ops.write_tokens([p], [(0, None, 0, 0, 2, 3)], block_tokens=4),
 }
 
 

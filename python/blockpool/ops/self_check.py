@@ -37,6 +37,19 @@ def cases(op: str) -> tuple[tuple, dict, Callable[[], Any]]:
     if op == "split_blocks":
         args = ([source, source[:, :, :0]], [3, 2], [blocks[1], None])
         return args, {"block_tokens": 4}, lambda: reference.split_blocks(*args, block_tokens=4)
+    if op == "paged_attention":
+        queries = mx.random.normal((2, 4, 2, 16), key=key).astype(mx.float16)
+        values = [mx.swapaxes(b, 0, 0) * 2 for b in blocks]
+        args = (queries, blocks, values, [[0, 3], [-1, 4, 1]], [6, 11], [4, 9])
+        kwargs = {"scale": 0.25, "window": 5}
+        return (
+            args,
+            kwargs,
+            lambda: reference.paged_attention(*args, scale=0.25, window=5),
+        )
+    if op == "write_tokens":
+        args = ([source], [(0, blocks[2], 0, 1, 2, 1), (0, None, 0, 0, 3, 0)])
+        return args, {"block_tokens": 4}, lambda: reference.write_tokens(*args, block_tokens=4)
     x = mx.random.normal((5, 2, 4, 64), key=key)
     q, s, b = mx.quantize(x, group_size=32, bits=4)  # float32 scales
     q16, s16, b16 = mx.quantize(x.astype(mx.float16), group_size=32, bits=4)  # float16 scales
