@@ -30,12 +30,15 @@ from mlx.utils import tree_flatten
 
 from blockpool.errors import IncompatibleCacheError
 from blockpool.persistence.safetensors_io import (
+    Described,
     check_table,
     corrupt,
+    digest_data,
     layout,
     open_regular,
     parse_header,
     read_arrays,
+    read_tensor,
     write_atomic,
 )
 from blockpool.spec import ModelCacheSpec
@@ -74,6 +77,7 @@ class AgentFile:
     kv_bits: int | None = None
     kv_group_size: int = 64
     positions: dict[int, list[int]] = field(default_factory=dict)  # per state layer: its snapshots' positions
+    has_data: bool = True  # False: read with load_agent_header, its K/V and states still on disk
 
     @property
     def nbytes(self) -> int:
@@ -229,11 +233,48 @@ def load_agent_file(path: Path, fingerprint: str | None = None, spec: ModelCache
         RecursionError,
     ) as e:  # checksummed, yet inconsistent
         raise corrupt(path, f"inconsistent contents ({e})") from e
+    _check_model(file, path, fingerprint, spec)
+    return file
+
+
+def load_agent_header(path: Path, fingerprint: str | None = None, spec: ModelCacheSpec | None = None) -> AgentFile:
+    """Verify a file as :func:`load_agent_file` does (the checksum over its data, streamed: nothing of
+    it is kept), and return its header and token ids without its K/V data: what a store needs to
+    choose how much of an agent to resume before there is room to hold the rest. The result has
+    ``has_data=False`` and no planes.
+
+    Raises:
+        CacheCorruptionError, IncompatibleCacheError, PersistenceError: As :func:`load_agent_file`.
+    """
+    path = Path(path)
+    f, size = open_regular(path)
+    with f:
+        table, metadata, data_start = _read_header(f, size, path)
+        digest = digest_data(f, table, data_start, path)
+        ids = read_tensor(f, table, data_start, "token_ids", path)
+    if _checksum(digest, metadata) != metadata.get("checksum"):
+        raise corrupt(path, "checksum mismatch")
+    if metadata.get("format_version") != str(FORMAT_VERSION):
+        raise IncompatibleCacheError(
+            f"{path}: format version {metadata.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
+    described: dict[str, Any] = {name: Described(entry) for name, entry in table.items()}
+    described["token_ids"] = ids
+    try:
+        file = _structure(metadata, described)
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError, RecursionError) as e:
+        raise corrupt(path, f"inconsistent contents ({e})") from e
+    _check_model(file, path, fingerprint, spec)
+    file.planes = [{} for _ in file.planes]
+    file.has_data = False
+    return file
+
+
+def _check_model(file: AgentFile, path: Path, fingerprint: str | None, spec: ModelCacheSpec | None) -> None:
     if fingerprint is not None and file.fingerprint != fingerprint:
         raise IncompatibleCacheError(f"{path} was written for another model (fingerprint {file.fingerprint})")
     if spec is not None and file.spec != spec:
         raise IncompatibleCacheError(f"{path} was written for another cache layout")
-    return file
 
 
 def _structure(metadata: dict[str, str], arrays: dict[str, mx.array]) -> AgentFile:

@@ -241,6 +241,52 @@ def read_arrays(f: Any, table: Table, data_start: int, path: Path) -> tuple[dict
     return arrays, digest
 
 
+def digest_data(f: Any, table: Table, data_start: int, path: Path, chunk: int = 1 << 20) -> Any:
+    """The digest :func:`read_arrays` computes, streamed in pieces of ``chunk`` bytes: no tensor is kept."""
+    digest = hashlib.sha256()
+    try:
+        for _, entry in sorted(table.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            start, stop = entry["data_offsets"]
+            f.seek(data_start + start)
+            left = stop - start
+            while left:
+                raw = f.read(min(chunk, left))
+                if not raw:
+                    raise corrupt(path, "truncated data")
+                digest.update(raw)
+                left -= len(raw)
+    except OSError as e:
+        raise read_error(path, e) from e
+    return digest
+
+
+def read_tensor(f: Any, table: Table, data_start: int, name: str, path: Path) -> mx.array:
+    """Read one tensor of a checked table (no digest: the caller reads the rest later, or never)."""
+    entry = table.get(name)
+    if entry is None:
+        raise corrupt(path, f"no tensor {name}")
+    start, stop = entry["data_offsets"]
+    try:
+        f.seek(data_start + start)
+        raw = f.read(stop - start)
+    except OSError as e:
+        raise read_error(path, e) from e
+    if len(raw) != stop - start:
+        raise corrupt(path, "truncated data")
+    dtype_name, np_type = BY_CODE[entry["dtype"]]
+    array = mx.array(np.frombuffer(raw, dtype=np_type).reshape(entry["shape"]))
+    return array.view(mx.bfloat16) if dtype_name == "bfloat16" else array
+
+
+class Described:
+    """A tensor as its table entry describes it (shape, dtype), its data left on disk."""
+
+    def __init__(self, entry: dict[str, Any]):
+        self.shape = tuple(entry["shape"])
+        self.ndim = len(self.shape)
+        self.dtype = getattr(mx, BY_CODE[entry["dtype"]][0])
+
+
 def file_kind(mode: int) -> str:
     """What a non-regular file is, for messages."""
     for test, name in (

@@ -108,8 +108,15 @@ def export_agent(pool: Any, agent: AgentBlocks, fingerprint: str) -> AgentFile:
     )
 
 
-def import_agent(pool: Any, file: AgentFile) -> AgentBlocks:
+def import_agent(pool: Any, file: AgentFile, *, force: bool = False, consume: bool = False) -> AgentBlocks:
     """Allocate blocks for a loaded agent and write its tokens into them, all or nothing.
+
+    ``force``: allocate past the budget (a copy whose source the caller
+    frees right after). ``consume``: the caller gives ``file`` up: each
+    layer's arrays are dropped from it once its blocks are written, so that
+    where nothing else holds them (a file read back from disk) the import
+    needs its blocks and one layer of the file at most, not the whole file
+    twice.
 
     Raises:
         IncompatibleCacheError: The file's cache layout or quantization is not the pool's.
@@ -132,23 +139,20 @@ def import_agent(pool: Any, file: AgentFile) -> AgentBlocks:
         counts[layer_id], starts[layer_id] = hi - lo, lo * b
     for layer_id in spec.state_layers:
         counts[layer_id] = len(file.positions[layer_id])
-    reserved = pool.reserve(counts, file.agent_id)
+    reserved = pool.reserve(counts, file.agent_id, force=force)
     state_layers = set(spec.state_layers)
     try:
         pool.write_states(
             [(i, reserved[i], [file.state_at(i, p) for p in file.positions[i]]) for i in spec.state_layers if total]
         )
-        writes = [
-            (
-                layer_id,
-                reserved[layer_id],
-                {n: as_array(p) for n, p in file.planes[layer_id].items()},
-                file.first_token[layer_id] - starts[layer_id],
-            )
-            for layer_id in range(spec.num_layers)
-            if total > file.first_token[layer_id] and layer_id not in state_layers
-        ]
-        pool.write_planes(writes)
+        for layer_id in range(spec.num_layers):
+            if total > file.first_token[layer_id] and layer_id not in state_layers:
+                arrays = {n: as_array(p) for n, p in file.planes[layer_id].items()}
+                offset = file.first_token[layer_id] - starts[layer_id]
+                pool.write_planes([(layer_id, reserved[layer_id], arrays, offset)])
+                del arrays
+            if consume and layer_id not in state_layers:
+                file.planes[layer_id] = {}
         valid_from = {i: file.first_token[i] for i in range(spec.num_layers) if i not in state_layers}
         return AgentBlocks(
             file.agent_id,

@@ -20,6 +20,7 @@ from blockpool.persistence import (
     agent_file_name,
     export_agent,
     load_agent_file,
+    load_agent_header,
     model_fingerprint,
     quarantine,
     read_header,
@@ -68,11 +69,23 @@ class AgentFiles:
             CacheCorruptionError: The file failed verification; it was moved aside.
             IncompatibleCacheError, PersistenceError: As :func:`~blockpool.persistence.load_agent_file`.
         """
+        return self._read(agent_id, load_agent_file)
+
+    def load_header(self, agent_id: str) -> AgentFile | None:
+        """The agent's file without its data (its token ids and layout: see
+        :func:`~blockpool.persistence.load_agent_header`); None if it has none.
+
+        Raises:
+            As :meth:`load` (damage in the data is found when the whole file is read).
+        """
+        return self._read(agent_id, load_agent_header)
+
+    def _read(self, agent_id: str, reader: Any) -> AgentFile | None:
         path = self.path(agent_id)
         if path is None or not (path.exists() or path.is_symlink()):
             return None
         try:
-            file = load_agent_file(path, self.fingerprint, self.spec)
+            file = reader(path, self.fingerprint, self.spec)
         except CacheCorruptionError as e:
             moved = quarantine(path)
             raise CacheCorruptionError(f"{e} (moved aside to {moved.name})") from e

@@ -153,9 +153,9 @@ class AgentMemory:
         self._spiller.wait_for_write(agent_id)
         with self._lock:
             in_memory = self._tiers.in_memory(agent_id)
-        loaded = (
-            None if in_memory else self._files.load(agent_id)
-        )  # read outside the lock: the engine never waits on it
+        # Verified, but only its header kept (token ids, layout): the data is read when there is room for
+        # it (a prefetch below, or at admission), so a submit never holds a file the budget does not count.
+        loaded = None if in_memory else self._files.load_header(agent_id)  # outside the lock: the engine never waits
         with self._lock:
             if self._closed:
                 raise InvalidRequestError("the store is closed")
@@ -206,6 +206,7 @@ class AgentMemory:
             queued.uid = uid
             tiers.hot.pop(agent_id, None)
             tiers.unwritten.pop(agent_id, None)
+            self._spiller.prefetch(agent_id)  # read it back now if the budget has room (hides the disk read)
         elif hot is not None:  # superseded by a longer shared prefix, or nothing in common
             tiers.hot.pop(agent_id)
             kept = set(source.all_blocks()) if source is not None else set()
@@ -384,9 +385,10 @@ class AgentMemory:
     def _index_early_prompts_locked(self) -> None:
         while self._early_prompts:
             blocks, generations = self._early_prompts.popleft()
-            # A block freed (a cancel) or rewritten since is not indexed: its generation moved on.
-            if all(self.pool.is_live(b, g) for b, g in zip(blocks.all_blocks(), generations)):
-                self._index.register(blocks)
+            # A block freed (a cancel) or written since (the running request's last one, in place) is
+            # not indexed: its generation moved on.
+            stale = {b for b, g in zip(blocks.all_blocks(), generations) if not self.pool.is_live(b, g)}
+            self._index.register(blocks, skip=stale)
 
     def _on_completion(self, completion: CompletedGeneration) -> CompletedGeneration:
         agent_id, blocks = completion.agent_id, completion.blocks

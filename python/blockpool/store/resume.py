@@ -34,11 +34,16 @@ class QueuedHistory:
     read_bytes: int  # what reading it back from disk brings into memory
     fetch: Callable[[], Any]
     prefetch: Callable[[], None]
+    settled: Callable[[], None]
 
     def bytes(self) -> int:
         """What admitting it adds to the budget now: nothing while its data is in the pool or charged."""
         q = self.queued
         return 0 if q.handle is not None or q.charge is not None else self.read_bytes
+
+    def in_pool(self) -> bool:
+        """Whether :meth:`fetch` will hand over blocks (else a file, to be copied)."""
+        return self.queued.handle is not None
 
 
 @dataclass
@@ -55,7 +60,8 @@ def queue_own(
 ) -> tuple[Queued, QueuedHistory]:
     """Keep the agent's own cache for its queued request: its hot handle, or its file in memory if the
     budget has room for it (else it is read back when the request is next in line). Store's lock held."""
-    queued = Queued(agent_id, handle=hot, file=file if hot is None else None, on_disk=hot is None and unwritten is None)
+    in_memory = file if hot is None and file is not None and file.has_data else None  # else its data is on disk
+    queued = Queued(agent_id, handle=hot, file=in_memory, on_disk=hot is None and unwritten is None)
     if unwritten is not None:
         queued.charge = unwritten[1]
     elif queued.file is not None:
@@ -63,6 +69,7 @@ def queue_own(
         if not pool.charge(queued.charge, queued.file.nbytes):
             queued.file, queued.charge = None, None
     read_bytes = pool.spec.bytes_for_tokens(len(kept), pool.kv_bits, pool.kv_group_size)
+    queued.read_bytes = read_bytes
     source = QueuedHistory(
         agent_id,
         pool.spec,
@@ -71,6 +78,7 @@ def queue_own(
         read_bytes,
         fetch=functools.partial(spiller.fetch, agent_id),
         prefetch=functools.partial(spiller.prefetch, agent_id),
+        settled=functools.partial(spiller.settled, agent_id, queued),
     )
     return queued, source
 

@@ -238,21 +238,30 @@ class Spiller:
         with self._lock:
             self.tiers.fetched[queued.uid] = queued
             file = queued.file
-            if file is not None and queued.on_disk:  # the engine copies it into its caches now; the disk keeps it
-                queued.file = None
-                if queued.charge is not None:
-                    self.pool.charge(queued.charge, 0)
-                    queued.charge = None
+            if file is not None and queued.on_disk:  # the engine copies it now; the disk keeps it
+                queued.file = None  # its charge stays until the copy is made (settled)
         return queued.handle if queued.handle is not None else file
 
+    def settled(self, agent_id: str, queued: Queued) -> None:
+        """The engine copied what it fetched where its request reads it: a file read back from disk can go."""
+        with self._lock:
+            if queued.on_disk and queued.file is None and queued.handle is None and queued.charge is not None:
+                self.pool.charge(queued.charge, 0)
+                queued.charge = None
+
     def prefetch(self, agent_id: str) -> None:
-        """The request is next in line: start reading its cache back from disk if it left memory."""
+        """The request is next in line: start reading its cache back from disk if it left memory and
+        the budget has room for it now (else it is read when it is admitted, with room made then)."""
         with self._lock:
             queued = self.tiers.queued.get(agent_id)
             if queued is None or queued.handle is not None or queued.file is not None or queued.loading is not None:
                 return
-            if not queued.on_disk:
+            if not queued.on_disk or queued.charge is not None:
                 return
+            charge = object()
+            if not self.pool.charge(charge, queued.read_bytes):
+                return  # a read now would hold memory past the budget
+            queued.charge = charge
         if self.deterministic:
             self._read_now(queued)
         else:
@@ -268,15 +277,19 @@ class Spiller:
         queued.loading = future
 
     def _read_back(self, queued: Queued) -> None:
+        """Read a queued agent's file into memory, charged (a prefetch charged its expected size first)."""
         try:
             file = self.files.load(queued.agent_id)
         except CacheCorruptionError:
             file = None  # moved aside by load
-        if file is None:
-            return
+        with self._lock:
+            charge = queued.charge or object()
+            if file is None:
+                self.pool.charge(charge, 0)
+                queued.charge = None
+                return
         mx.eval([a for layer in file.planes for a in layer.values()])
-        charge = object()
-        self.pool.charge(charge, file.nbytes, force=True)
+        self.pool.charge(charge, file.nbytes, force=True)  # it is in memory: charge what it really takes
         with self._lock:
             queued.file, queued.charge = file, charge
 

@@ -58,6 +58,7 @@ class Queued:
     charge: object | None = None  # the pool charge that accounts ``file``
     on_disk: bool = False  # the agent's file holds this history too
     loading: Future | None = None  # a read from disk in flight
+    read_bytes: int = 0  # what reading it back brings into memory (charged before a prefetch starts)
 
 
 class Tiers:
