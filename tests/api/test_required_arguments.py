@@ -32,6 +32,7 @@ import blockpool
 from blockpool import (
     AgentBlocks,
     AgentMemory,
+    BlockOperationError,
     BlockPool,
     BlockPoolBatchEngine,
     BlockPoolError,
@@ -62,6 +63,8 @@ DOCUMENTED = {
         "concat_blocks",
         "concat_dequantize_blocks",
         "split_blocks",
+        "paged_attention",
+        "write_tokens",
     ],
     "prompt": [n for n in prompt.__all__ if inspect.isfunction(getattr(prompt, n))],
     "persistence": [
@@ -72,6 +75,7 @@ DOCUMENTED = {
         "save_agent_file",
         "read_header",
         "load_agent_file",
+        "load_agent_header",
         "open_agent_file",
         "quarantine",
         "remove_stale_temp_files",
@@ -489,6 +493,19 @@ def _(w):
     w.pool.release(handle)
 
 
+@row("BlockPool.take_data", "BlockPool.put_data")
+def _(w):
+    handle = w.completion().blocks
+    block = handle.blocks[0][-1]
+    planes = w.pool.take_data(block, "a")  # written in place by its only holder; unreadable meanwhile
+    with pytest.raises(BlockOperationError):
+        w.pool.block_arrays({0: [block]})
+    w.pool.put_data(block, planes)
+    (stored,) = w.pool.block_arrays({0: [block]})[0]
+    assert stored["k"] is planes["k"]
+    w.pool.release(handle)
+
+
 @row("BlockPool.is_current")
 def _(w):
     first = w.completion(max_tokens=2).blocks
@@ -732,6 +749,24 @@ def _(w):
     assert len(got[0]) == len(want[0]) == 2 and all(mx.array_equal(a, b).item() for a, b in zip(got[0], want[0]))
 
 
+@row("ops.paged_attention", "reference.paged_attention")
+def _(w):
+    blocks = [mx.random.normal((2, 256, 16), key=mx.random.key(i)) for i in range(2)]
+    queries = mx.random.normal((1, 4, 1, 16), key=mx.random.key(9))
+    args = (queries, blocks, blocks, [[0, 1]], [300])
+    got = ops.paged_attention(*args, scale=0.25)
+    want = reference.paged_attention(*args, [299], 0.25)
+    assert got.shape == (1, 4, 1, 16) and mx.array_equal(got, want).item()
+
+
+@row("ops.write_tokens", "reference.write_tokens")
+def _(w):
+    source = mx.random.normal((1, 2, 3, 16), key=mx.random.key(4))
+    writes = [(0, None, 0, 0, 3, 5)]
+    (got,), (want,) = ops.write_tokens([source], writes), reference.write_tokens([source], writes)
+    assert got.shape == (2, 256, 16) and mx.array_equal(got, want).item()
+
+
 @row("ops.ensure_cache_limit")
 def _(w):
     assert ops.ensure_cache_limit(1 << 20) >= 1 << 20
@@ -779,6 +814,7 @@ def _(w):
     "persistence.export_agent",
     "persistence.save_agent_file",
     "persistence.load_agent_file",
+    "persistence.load_agent_header",
     "persistence.import_agent",
     "persistence.read_header",
     "persistence.open_agent_file",
@@ -792,6 +828,8 @@ def _(w):
     )
     file = persistence.load_agent_file(path)
     assert file.token_ids == handle.token_ids and file.fingerprint == fingerprint
+    header = persistence.load_agent_header(path)  # verified, its data left on disk
+    assert header.token_ids == handle.token_ids and not header.has_data and header.nbytes == 0
     w.pool.release(handle)
     back = persistence.import_agent(w.pool, file)
     assert back.total_tokens == handle.total_tokens

@@ -30,10 +30,10 @@ def tokens(n: int, seed: int) -> list[int]:
     return mx.random.randint(3, 512, (n,), key=mx.random.key(seed)).tolist()
 
 
-def make_memory(load_tiny, arch="llama", num_blocks=64, cache_dir=None):
+def make_memory(load_tiny, arch="llama", num_blocks=64, cache_dir=None, paged=None):
     model, tokenizer = load_tiny(arch)
     pool = BlockPool(ModelCacheSpec.from_model(model), num_blocks=num_blocks)
-    engine = BlockPoolBatchEngine(model, tokenizer, pool)
+    engine = BlockPoolBatchEngine(model, tokenizer, pool, paged=paged)
     return model, tokenizer, pool, AgentMemory(engine, cache_dir=cache_dir)
 
 
@@ -54,10 +54,11 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("paged", [True, False], ids=["paged", "gathered"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_prefix_reuse_equals_a_cold_run(load_tiny, arch, case):
-    model, tokenizer, pool, memory = make_memory(load_tiny, arch)
+def test_prefix_reuse_equals_a_cold_run(load_tiny, arch, case, paged):
+    model, tokenizer, pool, memory = make_memory(load_tiny, arch, paged=paged)
     first = tokens(500, 0)
     done = turn(memory, "a", first)
     assert done.cache_source == "cold" and done.prompt_tokens == 500  # an empty cache prefills all
@@ -70,10 +71,12 @@ def test_prefix_reuse_equals_a_cold_run(load_tiny, arch, case):
         len(prompt) - 1,
         next((i for i, (x, y) in enumerate(zip(history, prompt)) if x != y), min(len(history), len(prompt))),
     )
-    if arch == "gemma3_text" and case != "extension":
-        # Window 32: the sliding layers only hold the last 32 of 508 tokens, so a
-        # prompt that needs the cache cut back cannot reuse it (as with mlx-lm's
-        # RotatingKVCache, which cannot be trimmed once it has wrapped).
+    # Window 32: a gathered sliding layer writes back only the last 32 of 508 tokens, so a prompt
+    # that needs the cache cut back cannot reuse it (as with mlx-lm's RotatingKVCache, which cannot
+    # be trimmed once it has wrapped). A paged one wrote every token into its blocks and keeps the
+    # block its window is in (tokens 256 to 507): a cut whose window starts there is served.
+    held_from = 256 if paged else len(history) - 32
+    if arch == "gemma3_text" and case != "extension" and reusable - 32 < held_from:
         assert done.cache_source == "cold" and done.prompt_tokens == len(prompt)
     else:
         assert done.prompt_tokens == len(prompt) - reusable  # only the rest is prefilled
@@ -268,10 +271,12 @@ def test_agents_in_flight_are_never_evicted(load_tiny, tmp_path):
     assert pool.available_blocks() == pool.total_blocks
 
 
-def test_hybrid_model_shares_only_windows_it_really_holds(load_tiny):
-    """Gemma-like: a sliding layer keeps only its last 32 tokens, so most shared
-    boundaries are unusable; whatever is reused, the output equals a cold run."""
-    model, tokenizer, pool, memory = make_memory(load_tiny, "gemma3_text")
+@pytest.mark.parametrize("paged", [True, False], ids=["paged", "gathered"])
+def test_hybrid_model_shares_only_windows_it_really_holds(load_tiny, paged):
+    """Gemma-like: a gathered sliding layer writes back only its last 32 tokens, so most shared
+    boundaries are unusable; a paged one keeps the whole block its window is in, so the
+    boundary's window is there. Whatever is reused, the output equals a cold run."""
+    model, tokenizer, pool, memory = make_memory(load_tiny, "gemma3_text", paged=paged)
     system = tokens(512, 20)
     sources = []
     for i in range(3):
@@ -279,7 +284,8 @@ def test_hybrid_model_shares_only_windows_it_really_holds(load_tiny):
         done = turn(memory, f"agent-{i}", prompt)
         assert done.token_ids == mlx_lm_tokens(model, tokenizer, prompt, 8)
         sources.append(done.cache_source)
-    assert sources == ["cold", "cold", "cold"]  # the donor's window ends past the boundary
+    # gathered: the donor's window ends past the boundary
+    assert sources == (["cold", "shared", "shared"] if paged else ["cold", "cold", "cold"])
     memory.close()
     assert pool.available_blocks() == pool.total_blocks
 

@@ -76,10 +76,13 @@ def test_a_cancel_after_the_prompt_was_shared_frees_only_what_no_one_else_holds(
     assert pool.available_blocks() == start
 
 
-def test_no_room_for_the_blocks_means_no_early_share_and_no_error(load_tiny):
+@pytest.mark.parametrize("paged", [True, False], ids=["paged", "gathered"])
+def test_a_full_pool_shares_a_paged_prompt_and_skips_a_gathered_one_without_error(load_tiny, paged):
+    """A paged request's prompt is in blocks already: sharing it early takes no room. A gathered one
+    would need room for a copy: without it, there is no early share, and no error."""
     model, tokenizer = load_tiny("llama")
     pool = BlockPool(ModelCacheSpec.from_model(model), num_blocks=40)
-    engine = BlockPoolBatchEngine(model, tokenizer, pool)
+    engine = BlockPoolBatchEngine(model, tokenizer, pool, paged=paged)
     called, taken = [], []
     prompt = SYSTEM + tokens(40, 22)
 
@@ -90,7 +93,9 @@ def test_no_room_for_the_blocks_means_no_early_share_and_no_error(load_tiny):
 
     engine.submit("a", prompt, max_tokens=8, share_prompt=called.append, prompt_progress_callback=fill_the_pool)
     (done,) = list(engine.step())
-    assert taken and called == []
+    assert taken and len(called) == (1 if paged else 0)
+    if paged:
+        assert called[0].total_tokens == len(prompt) and called[0].consumed  # the request went on from it
     assert done.token_ids == mlx_lm_tokens(model, tokenizer, prompt, 8)
     pool.free(taken, "someone-else")
     pool.release(done.blocks)

@@ -2,8 +2,9 @@
 
 Agents that arrive together with one prompt wait for the first one's
 prefill, and go once the store holds its blocks: at its first token when
-the budget had room for the early copy, else at its end (then they share
-its finished blocks instead of prefilling the prompt again, cold).
+the budget had room for the early copy (a paged engine needs none: the
+prompt is in blocks already), else at its end (then they share its
+finished blocks instead of prefilling the prompt again, cold).
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ def submits(operations: list) -> list[str]:
     return [op.agent_id for op in operations if isinstance(op, Submit)]
 
 
+@pytest.mark.parametrize("paged", [True, False], ids=["paged", "gathered"])
 @pytest.mark.parametrize("room", [True, False], ids=["room-for-early-copy", "no-room"])
-def test_agents_with_one_prompt_go_when_the_store_holds_its_blocks(load_tiny, room):
+def test_agents_with_one_prompt_go_when_the_store_holds_its_blocks(load_tiny, room, paged):
     model, tokenizer = load_tiny("llama")
     pool = BlockPool(ModelCacheSpec.from_model(model), num_blocks=60)
-    memory = AgentMemory(BlockPoolBatchEngine(model, tokenizer, pool))
+    memory = AgentMemory(BlockPoolBatchEngine(model, tokenizer, pool, paged=paged))
+    early = room or paged  # a paged prompt is shared with no copy, so room does not matter
     planner, finished = planner_on(memory)
     loop = asyncio.new_event_loop()
     first, second = ticket(1, "first", 11, loop), ticket(2, "second", 12, loop)
@@ -75,14 +78,14 @@ def test_agents_with_one_prompt_go_when_the_store_holds_its_blocks(load_tiny, ro
                 first.first_token_at = 1.0
                 planner.first_token(first)
                 # With the early copy the second may go now; without it, it still waits.
-                assert submits(planner.plan([])) == (["second"] if room else [])
+                assert submits(planner.plan([])) == (["second"] if early else [])
             if event.completion is not None:
                 completion = event.completion
     assert completion.finish_reason == "length"
     pool.free(taken, "someone-else")
     planner.ended(first, completion)
     later = submits(planner.plan([]))
-    assert later == ([] if room else ["second"])
+    assert later == ([] if early else ["second"])
     assert memory.shared_tokens(second.tokens) == len(SYSTEM)  # what the second agent takes, not prefills
     assert not finished
     memory.close()

@@ -24,18 +24,24 @@ def plan_extension(
     total: int,
     pending: Mapping[int, Sequence[tuple[int, Any]]] | None = None,
     every: int | None = None,
+    written: Mapping[int, LayerPlan] | None = None,
 ) -> list[LayerPlan]:
     """Plan the blocks of ``base`` grown to ``total`` tokens (``total >= base.total_tokens``).
 
     ``pending``: per state layer, ``(position, block)`` snapshots taken while
     the history grew (the blocks are allocated and written already);
-    ``every``: the checkpoint grid in tokens (its snapshots are kept).
+    ``every``: the checkpoint grid in tokens (its snapshots are kept);
+    ``written``: the plans of layers whose new tokens are in blocks already
+    (a paged request's, :meth:`blockpool.paged.PagedRows.plans`), taken as they are.
     """
     if total < base.total_tokens:
         raise ValueError(f"cannot extend {base.total_tokens} tokens to {total}")
-    pending = pending or {}
+    pending, written = pending or {}, written or {}
     spec = base.spec
-    return [spec.kind(i).plan(pool, base, i, total, tuple(pending.get(i, ())), every) for i in range(spec.num_layers)]
+    return [
+        written[i] if i in written else spec.kind(i).plan(pool, base, i, total, tuple(pending.get(i, ())), every)
+        for i in range(spec.num_layers)
+    ]
 
 
 def fresh_blocks(plans: Sequence[LayerPlan]) -> dict[int, int]:

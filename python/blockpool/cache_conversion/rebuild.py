@@ -11,6 +11,7 @@ with); :func:`to_mlx_caches` the list the model takes (composite layers as
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import mlx.core as mx
@@ -32,10 +33,11 @@ def to_mlx_caches(pool: Any, agent: AgentBlocks, spare_tokens: int = 0) -> list[
     return agent.spec.assemble(entry_caches(pool, agent, spare_tokens))
 
 
-def entry_caches(pool: Any, agent: AgentBlocks, spare_tokens: int = 0) -> list[Any]:
-    """The caches of an agent's blocks, one per spec entry (see :func:`to_mlx_caches`)."""
+def entry_caches(pool: Any, agent: AgentBlocks, spare_tokens: int = 0, skip: Collection[int] = ()) -> list[Any]:
+    """The caches of an agent's blocks, one per spec entry (see :func:`to_mlx_caches`); None for the
+    entries in ``skip`` (layers that read their blocks in place, :mod:`blockpool.paged`)."""
     spec, total, b = agent.spec, agent.total_tokens, agent.spec.block_tokens
-    token_layers = [i for i in range(spec.num_layers) if spec.kind(i).storage == "tokens"]
+    token_layers = [i for i in range(spec.num_layers) if spec.kind(i).storage == "tokens" and i not in skip]
     spare: dict[int, int] = {}
     for layer_id in token_layers:
         room = spec.kind(layer_id).room(total, spare_tokens, b)
@@ -48,7 +50,9 @@ def entry_caches(pool: Any, agent: AgentBlocks, spare_tokens: int = 0) -> list[A
     caches: list[Any] = []
     for layer_id in range(spec.num_layers):
         kind = spec.kind(layer_id)
-        if layer_id in states:
+        if layer_id in skip:
+            caches.append(None)
+        elif layer_id in states:
             caches.append(kind.rebuild(states[layer_id][0]))
         elif layer_id in data:
             keys, values = data[layer_id]

@@ -17,6 +17,12 @@ Every change of the batch's shape (a sequence joining or leaving, a cache
 growing by a step) is done one layer at a time and evaluated before the
 next, so that the copy in flight is one layer, not the whole batch: that
 is what lets the engine keep all KV inside the pool's budget.
+
+Paged batches (a model whose attention layers all run paged,
+:mod:`blockpool.paged`): those layers' caches are views of one
+:class:`~blockpool.paged.PagedRows`, which keeps every sequence's K and V in
+its blocks and attends over them in place. Sequences join and leave it
+without a copy; the other layers (recurrent state) batch as above.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from mlx_lm.models.cache import TokenBuffer
 from mlx_lm.sample_utils import greedy_sampler
 
 from blockpool.kinds import Source, arrays_in
+from blockpool.paged import PagedLayer, PagedRows, PagedSequence
 from blockpool.spec import ModelCacheSpec
 
 Sampler = Callable[[mx.array], mx.array]
@@ -62,10 +69,12 @@ def cache_nbytes(caches: Sequence[Any] | None) -> int:
 class DecodeBatch:
     """Sequences that decode together, one model call per step for all of them."""
 
-    def __init__(self, model: nn.Module, spec: ModelCacheSpec):
+    def __init__(self, model: nn.Module, spec: ModelCacheSpec, pool: Any = None, paged_layers: Sequence[int] = ()):
         self.model, self.spec = model, spec
         self._kinds = [spec.kind(i) for i in range(spec.num_layers)]
         self._token_bytes = [spec.layers[i].geometry.token_bytes() for i in range(spec.num_layers)]
+        self.paged = PagedRows(pool, paged_layers) if paged_layers else None
+        self._gathered = [i for i in range(spec.num_layers) if i not in set(paged_layers)]
         self.rows: list[Row] = []
         self.caches: list[Any] | None = None
         self._batched = False  # False: one sequence in plain caches
@@ -74,7 +83,15 @@ class DecodeBatch:
 
     @classmethod
     def for_prompts(
-        cls, model: nn.Module, spec: ModelCacheSpec, rows: list[Row], caches: list[list[Any]], last_tokens: list[int]
+        cls,
+        model: nn.Module,
+        spec: ModelCacheSpec,
+        rows: list[Row],
+        caches: list[list[Any]],
+        last_tokens: list[int],
+        pool: Any = None,
+        sequences: Sequence[PagedSequence] = (),
+        paged_layers: Sequence[int] = (),
     ) -> DecodeBatch:
         """A batch of sequences whose prompts are still to be prefilled (see :meth:`prefill`).
 
@@ -83,21 +100,26 @@ class DecodeBatch:
         at a time. Each row's next input is its prompt's last token: the first
         :meth:`step` reads those back (they are not generated tokens) and
         launches each row's first generated token, as mlx-lm's prompt batch does.
+        In a paged batch, ``sequences[i]`` holds row i's paged layers (its
+        ``caches[i]`` entries of those layers are unused).
         """
-        batch = cls(model, spec)
+        batch = cls(model, spec, pool, paged_layers)
         batch.rows = list(rows)
+        if batch.paged is not None:
+            batch.paged.extend(sequences)
         if len(rows) == 1:
-            batch.caches = caches[0]
+            batch.caches = list(caches[0])
         else:
-            merged = []
-            for layer_id in range(spec.num_layers):
+            merged: list[Any] = [None] * spec.num_layers
+            for layer_id in batch._gathered:
                 column = [c[layer_id] for c in caches]
                 cache = batch._kinds[layer_id].merge(column)
                 _eval_cache(cache)
                 for c in caches:
                     c[layer_id] = None  # each layer's single caches can go as soon as they are merged
-                merged.append(cache)
+                merged[layer_id] = cache
             batch.caches, batch._batched = merged, True
+        batch._view_paged_layers()
         batch._next_tokens = mx.array(last_tokens, dtype=mx.uint32)
         batch._next_logprobs = [_placeholder()] * len(rows)
         return batch
@@ -109,24 +131,46 @@ class DecodeBatch:
         longest = max(lengths)
         if not longest:
             return 0
+        if self.paged is not None:
+            self.paged.prepare(lengths)
         if not self._batched:
             tokens = mx.array(chunks, dtype=mx.uint32)
-            self.model(tokens, cache=self.spec.assemble(self.caches))
+            self._forward(tokens)
             mx.eval(arrays_in([c.state for c in self.caches]))
             return longest
-        for kind, cache in zip(self._kinds, self.caches):  # room for the chunk now, one layer at a time
-            kind.grow(cache, longest)
+        gathered = [self.caches[i] for i in self._gathered]
+        for i in self._gathered:  # room for the chunk now, one layer at a time
+            self._kinds[i].grow(self.caches[i], longest)
         padding = [longest - n for n in lengths]
         tokens = mx.array([c + [0] * p for c, p in zip(chunks, padding)], dtype=mx.uint32)
         if max(padding):
-            for cache in self.caches:
+            for cache in gathered:
                 cache.prepare(lengths=lengths, right_padding=padding)
-        self.model(tokens, cache=self.spec.assemble(self.caches))
-        for cache in self.caches:
+        self._forward(tokens)
+        for cache in gathered:
             if max(padding):
                 cache.finalize()
             _eval_cache(cache)
+        if self.paged is not None:
+            mx.eval(self.paged.arrays())
         return sum(lengths)
+
+    def _forward(self, tokens: mx.array) -> mx.array:
+        """The model on ``tokens`` with the batch's caches (a paged batch's rows then hold the new tokens)."""
+        try:
+            out = self.model(tokens, cache=self.spec.assemble(self.caches))
+        except BaseException:
+            if self.paged is not None:
+                self.paged.cancel_pass()
+            raise
+        if self.paged is not None:
+            self.paged.commit()
+        return out
+
+    def _view_paged_layers(self) -> None:
+        if self.paged is not None and self.caches is not None:
+            for i in self.paged.layers:
+                self.caches[i] = PagedLayer(self.paged, i)
 
     def absorb(self, other: DecodeBatch) -> None:
         """Take over another batch's rows (a prompt batch whose first tokens are launched), one layer at a time."""
@@ -135,23 +179,37 @@ class DecodeBatch:
         if not self.rows:
             self.rows, self.caches, self._batched = other.rows, other.caches, other._batched
             self._next_tokens, self._next_logprobs = other._next_tokens, other._next_logprobs
+            if self.paged is not None:
+                self.paged.rows = list(other.paged.rows)
+                self._view_paged_layers()
             return
         if not self._batched:
             self._batch_up()
-        incoming = other.caches if other._batched else [k.as_batch(c) for k, c in zip(self._kinds, other.caches)]
+        incoming = other.caches if other._batched else self._as_batch(other.caches)
         other.caches = None
-        for i, mine in enumerate(self.caches):
+        for i in self._gathered:
+            mine = self.caches[i]
             mine.extend(incoming[i])
             incoming[i] = None
             _eval_cache(mine)
+        if self.paged is not None:
+            self.paged.extend(other.paged.rows)
         self.rows += other.rows
         self._next_tokens = mx.concatenate([self._next_tokens, other._next_tokens])
         self._next_logprobs = self._next_logprobs + other._next_logprobs
 
     def _batch_up(self) -> None:
         """Move a lone sequence's plain caches into one-row batch caches."""
-        self.caches = [k.as_batch(c) for k, c in zip(self._kinds, self.caches)]
+        self.caches = self._as_batch(self.caches)
         self._batched = True
+        self._view_paged_layers()
+
+    def _as_batch(self, caches: list[Any]) -> list[Any]:
+        """One-row batch caches of a lone sequence's gathered layers (paged layers need none)."""
+        out: list[Any] = [None] * self.spec.num_layers
+        for i in self._gathered:
+            out[i] = self._kinds[i].as_batch(caches[i])
+        return out
 
     def settle(self) -> None:
         """Schedule every array the batch holds (its caches' state, the tokens launched), without waiting.
@@ -170,8 +228,9 @@ class DecodeBatch:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the working caches."""
-        return cache_nbytes(self.caches)
+        """Bytes of the working caches (a paged batch: its layers' working bytes beyond their blocks)."""
+        paged = self.paged.nbytes() if self.paged is not None else 0
+        return cache_nbytes(self.caches) + paged
 
     # ------------------------------------------------------------ stepping
 
@@ -184,7 +243,9 @@ class DecodeBatch:
         if not self.rows:
             return []
         current, current_logprobs = self._next_tokens, self._next_logprobs
-        logits = self.model(current[:, None], cache=self.spec.assemble(self.caches))[:, -1, :]
+        if self.paged is not None:
+            self.paged.prepare([1] * len(self.rows))
+        logits = self._forward(current[:, None])[:, -1, :]
         contexts = []
         if any(row.processors for row in self.rows):
             processed = []
@@ -219,34 +280,56 @@ class DecodeBatch:
 
     # ------------------------------------------------------------ shape changes
 
-    def join(self, row: Row, caches: list[Any], next_token: mx.array, next_logprobs: mx.array) -> None:
-        """Add a sequence whose plain caches hold its history and whose next token is launched."""
+    def join(
+        self,
+        row: Row,
+        caches: list[Any],
+        next_token: mx.array,
+        next_logprobs: mx.array,
+        sequence: PagedSequence | None = None,
+    ) -> None:
+        """Add a sequence whose plain caches (and, in a paged batch, ``sequence``) hold its history and
+        whose next token is launched."""
+        if self.paged is not None:
+            self.paged.extend([sequence])
         if not self.rows:
-            self.rows, self.caches, self._batched = [row], caches, False
+            self.rows, self.caches, self._batched = [row], list(caches), False
             self._next_tokens, self._next_logprobs = next_token.reshape(-1), [next_logprobs]
+            self._view_paged_layers()
             return
         if not self._batched:
             self._batch_up()
-        incoming = [k.as_batch(c) for k, c in zip(self._kinds, caches)]
+        incoming = self._as_batch(caches)
         caches.clear()  # the batch holds the only reference: each layer's copy can be freed as it goes
-        for i, (mine, theirs) in enumerate(zip(self.caches, incoming)):
-            mine.extend(theirs)
+        for i in self._gathered:
+            mine = self.caches[i]
+            mine.extend(incoming[i])
             incoming[i] = None
             _eval_cache(mine)
         self.rows.append(row)
         self._next_tokens = mx.concatenate([self._next_tokens, next_token.reshape(-1)])
         self._next_logprobs.append(next_logprobs)
 
+    def abandon(self, indices: Sequence[int]) -> None:
+        """Rows that leave without writing back (cancelled, failed): a paged batch frees the blocks they
+        took while running and puts back the ones they wrote in place, so their handles are as they were."""
+        if self.paged is not None:
+            for index in indices:
+                self.paged.abandon(index)
+
     def remove(self, indices: Sequence[int]) -> None:
         """Drop rows (finished, cancelled or preempted) and the memory they held."""
         gone = set(indices)
         keep = [i for i in range(len(self.rows)) if i not in gone]
+        if self.paged is not None:
+            self.paged.keep(keep)
         if not keep:
             self.rows, self.caches, self._batched = [], None, False
             self._next_tokens, self._next_logprobs = None, []
             return
         if self._batched:
-            for cache in self.caches:
+            for i in self._gathered:
+                cache = self.caches[i]
                 cache.filter(keep)
                 _eval_cache(cache)
         self.rows = [self.rows[i] for i in keep]
@@ -257,9 +340,9 @@ class DecodeBatch:
         """Working bytes the next step adds (caches that are full grow by a step)."""
         if not self.rows:
             return 0
-        extra = 0
-        for layer_id, (kind, cache) in enumerate(zip(self._kinds, self.caches)):
-            extra += kind.growth_tokens(cache) * len(self.rows) * self._token_bytes[layer_id]
+        extra = self.paged.growth_bytes() if self.paged is not None else 0
+        for i in self._gathered:
+            extra += self._kinds[i].growth_tokens(self.caches[i]) * len(self.rows) * self._token_bytes[i]
         return extra
 
     def grow(self) -> None:
@@ -270,21 +353,22 @@ class DecodeBatch:
         layer, keeps that copy to one layer. The new shape is the one mlx-lm
         would make, so the model sees the same arrays.
         """
-        for kind, cache in zip(self._kinds, self.caches or []):
-            kind.grow(cache)
+        for i in self._gathered if self.caches else []:
+            self._kinds[i].grow(self.caches[i])
 
     # ------------------------------------------------------------ reading a row
 
-    def row_caches(self, index: int) -> tuple[list[Source], dict[int, int]]:
-        """Row ``index``'s tokens per layer in time order ``(keys, values, first position)``,
-        and the ring index of any rotated sliding layer."""
-        sources, ring = [], {}
-        for layer_id, (kind, cache) in enumerate(zip(self._kinds, self.caches)):
+    def row_caches(self, index: int) -> tuple[dict[int, Source], dict[int, int]]:
+        """Row ``index``'s tokens per gathered layer in time order ``(keys, values, first position)``,
+        and the ring index of any rotated sliding layer of them (paged layers hold theirs in blocks)."""
+        sources, ring = {}, {}
+        for layer_id in self._gathered:
+            kind, cache = self._kinds[layer_id], self.caches[layer_id]
             if self._batched:
                 source, r = kind.read_row(cache, index)
             else:
                 source, r = kind.read(cache), kind.ring_index(cache)
-            sources.append(source)
+            sources[layer_id] = source
             if r is not None:
                 ring[layer_id] = r
         return sources, ring
@@ -299,6 +383,8 @@ class DecodeBatch:
 
     def row_tokens(self, index: int) -> int:
         """Tokens row ``index``'s caches hold (a token layer's offset; else the tokens fed to the model)."""
+        if self.paged is not None:
+            return self.paged.rows[index].total
         token_layer = next((i for i, k in enumerate(self._kinds) if k.storage == "tokens"), None)
         if token_layer is None:
             return len(self.rows[index].context)

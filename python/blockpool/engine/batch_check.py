@@ -15,6 +15,9 @@ prefilled together), against each alone. Where the padded prefill is off, prompt
 time (their decode is still batched); where a batched decode fails, the
 engine decodes one sequence at a time. Either way the output stays exact.
 
+A model whose attention runs paged (:mod:`blockpool.paged`) is checked
+through paged batches, on a scratch pool: that is how it will batch.
+
 The logits are compared by their relative L2 distance after the first
 generated token. Measured on the tiny models of the suite: at most 0.0024
 for families that batch exactly (float32, bfloat16 and float16; the gap is
@@ -44,22 +47,51 @@ class BatchSupport:
     detail: str = ""
 
 
-def batch_support(model: Any, spec: Any) -> BatchSupport:
-    """The model's batching support (checked on first use, then kept on the model object)."""
+def batch_support(model: Any, spec: Any, paged_layers: tuple[int, ...] = ()) -> BatchSupport:
+    """The model's batching support, with these layers paged (checked on first use, then kept on the model object)."""
     try:
-        known = vars(model).get(_ATTRIBUTE)
+        known = vars(model).setdefault(_ATTRIBUTE, {})
     except TypeError:
-        known = None
-    if known is None:
-        known = _check(model, spec)
-        try:
-            setattr(model, _ATTRIBUTE, known)
-        except AttributeError:
-            pass
-    return known
+        known = {}
+    if paged_layers not in known:
+        known[paged_layers] = _check(model, spec, paged_layers)
+    return known[paged_layers]
 
 
-def _check(model: Any, spec: Any) -> BatchSupport:
+class _Scratch:
+    """What the check's batches are made of: new caches per prompt and, for paged layers, a scratch pool."""
+
+    def __init__(self, spec: Any, paged_layers: tuple[int, ...]):
+        from blockpool.pool import BlockPool
+
+        self.spec, self.layers = spec, paged_layers
+        self.pool = BlockPool(spec, num_blocks=8 * spec.num_layers) if paged_layers else None
+        self.sequences: list[Any] = []
+
+    def caches(self) -> list[Any]:
+        return [None if i in self.layers else self.spec.kind(i).new_cache() for i in range(self.spec.num_layers)]
+
+    def sequence(self) -> list[Any]:
+        from blockpool.block import AgentBlocks
+        from blockpool.paged import start_sequence
+
+        if not self.layers:
+            return []
+        agent = f"blockpool-batch-check-{len(self.sequences)}"
+        self.sequences.append(start_sequence(self.pool, self.layers, AgentBlocks.empty(agent, self.spec)))
+        return [self.sequences[-1]]
+
+    def release(self) -> None:
+        """Free what the check's rows wrote (a scratch pool, but let nothing linger)."""
+        from blockpool.paged import PagedRows
+
+        if self.layers:
+            rows = PagedRows(self.pool, self.layers, self.sequences)
+            for index in range(len(rows)):
+                rows.abandon(index)
+
+
+def _check(model: Any, spec: Any, paged_layers: tuple[int, ...] = ()) -> BatchSupport:
     from blockpool.engine.batch import DecodeBatch, Row
 
     if not spec.batchable:
@@ -75,11 +107,14 @@ def _check(model: Any, spec: Any) -> BatchSupport:
             alone.append((_logprobs(first), _logprobs(second)))
     except Exception as error:  # the model does not run here at all: nothing to compare
         return BatchSupport(True, True, f"not checked ({type(error).__name__}: {error})")
+    scratch = _Scratch(spec, paged_layers)
     try:
-        joined = _separate_prefill_joined_decode(model, spec, prompts, DecodeBatch, Row)
-        padded = _padded_prefill(model, spec, prompts, DecodeBatch, Row)
+        joined = _separate_prefill_joined_decode(model, spec, prompts, DecodeBatch, Row, scratch)
+        padded = _padded_prefill(model, spec, prompts, DecodeBatch, Row, scratch)
     except Exception as error:
         return BatchSupport(False, False, f"a batched decode fails ({type(error).__name__}: {error})")
+    finally:
+        scratch.release()
     worst = max(_distance(a, b) for pair, steps in zip(alone, joined) for a, b in zip(pair, steps))
     if not worst <= TOLERANCE:  # NaN counts as off
         return BatchSupport(False, False, f"a batched decode changes the logits (relative distance {worst:.3g})")
@@ -89,27 +124,35 @@ def _check(model: Any, spec: Any) -> BatchSupport:
     return BatchSupport(True, True)
 
 
-def _padded_prefill(model: Any, spec: Any, prompts: list[list[int]], batch_class: Any, row_class: Any) -> list:
+def _padded_prefill(
+    model: Any, spec: Any, prompts: list[list[int]], batch_class: Any, row_class: Any, scratch: _Scratch
+) -> list:
     """Prompts prefilled together (right-padded), then decoded: see :func:`_two_steps`."""
-    caches = [[spec.kind(i).new_cache() for i in range(spec.num_layers)] for _ in prompts]
+    caches = [scratch.caches() for _ in prompts]
     rows = [row_class(None, None, []) for _ in prompts]
-    batch = batch_class.for_prompts(model, spec, rows, caches, [p[-1] for p in prompts])
+    sequences = [s for _ in prompts for s in scratch.sequence()]
+    batch = batch_class.for_prompts(
+        model, spec, rows, caches, [p[-1] for p in prompts], scratch.pool, sequences, scratch.layers
+    )
     batch.prefill([p[:-1] for p in prompts])
     return _two_steps(batch)
 
 
 def _separate_prefill_joined_decode(
-    model: Any, spec: Any, prompts: list[list[int]], batch_class: Any, row_class: Any
+    model: Any, spec: Any, prompts: list[list[int]], batch_class: Any, row_class: Any, scratch: _Scratch
 ) -> list:
     """The same with each prompt prefilled alone, the rows joined into one batch to decode (left-padded caches)."""
-    batch = batch_class(model, spec)
+    batch = batch_class(model, spec, scratch.pool, scratch.layers)
     for prompt in prompts:
         one = batch_class.for_prompts(
             model,
             spec,
             [row_class(None, None, [])],
-            [[spec.kind(i).new_cache() for i in range(spec.num_layers)]],
+            [scratch.caches()],
             [prompt[-1]],
+            scratch.pool,
+            scratch.sequence(),
+            scratch.layers,
         )
         one.prefill([prompt[:-1]])
         one.step()  # launches the first generated token, as the engine does before a row joins

@@ -7,10 +7,13 @@ carries that out (the model runs only in :mod:`.batch`), :mod:`.output`
 turns tokens into text, events and completions, and :mod:`.history`
 brings a request's history into the pool.
 
-A request's history is rebuilt from its agent's blocks straight into the
-cache the model writes into next (one copy), its prompt is prefilled in
-chunks, and it then decodes in the running batch. When it finishes, only
-the tokens its blocks do not hold yet are written back.
+Where the model allows (most families: :mod:`blockpool.paged`), a running
+request's attention reads and writes its agent's blocks in place: its
+history is never copied, and its new tokens go straight into blocks.
+Otherwise its history is rebuilt from its blocks straight into the cache
+the model writes into next (one copy), and when it finishes only the tokens
+its blocks do not hold yet are written back. Either way its prompt is
+prefilled in chunks and it then decodes in the running batch.
 
 Memory: every byte of KV is charged to the pool (blocks, the batch's
 working caches, copies in flight). A request that does not fit now waits,
@@ -60,6 +63,7 @@ from blockpool.engine.scheduler import Scheduler, default_max_waiting
 from blockpool.engine.step import Stepper
 from blockpool.engine.types import CompletedGeneration, GenerationEvent, ProgressCallback, Request
 from blockpool.errors import IncompatibleCacheError, InvalidRequestError
+from blockpool.paged.support import PagedSupport, paged_support
 from blockpool.pool import BlockPool
 from blockpool.prompt import vocab_size_of
 from blockpool.spec import ModelCacheSpec
@@ -91,9 +95,15 @@ class BlockPoolBatchEngine(EngineIntrospection):
             default): the fewest blocks whose K and V take at least four
             times a checkpoint's bytes, so checkpoints add at most a quarter
             to an agent's memory (:func:`~blockpool.engine.checkpoints.auto_checkpoint_blocks`).
+        paged: Whether running requests attend over their blocks in place
+            (:mod:`blockpool.paged`) rather than over a gathered copy. None
+            (the default): wherever the model allows, as a one-time check on
+            the model finds (``engine.paged`` says what it found); False: gather;
+            True: page, or raise if the model does not allow it.
 
     Raises:
         IncompatibleCacheError: The pool was made for another cache layout.
+        InvalidRequestError: ``paged=True`` for a model whose attention cannot run paged.
     """
 
     def __init__(
@@ -107,8 +117,11 @@ class BlockPoolBatchEngine(EngineIntrospection):
         prefill_step_size: int = 2048,
         max_waiting: int | None = _DEFAULT,  # type: ignore[assignment]
         checkpoint_blocks: int | str | None = "auto",
+        paged: bool | None = None,
     ):
         check_engine_sizes(completion_batch_size, prefill_batch_size, prefill_step_size)
+        if paged not in (None, True, False):
+            raise InvalidRequestError(f"paged must be None, True or False, got {paged!r}")
         if max_waiting is _DEFAULT:
             max_waiting = default_max_waiting(pool) if isinstance(pool, BlockPool) else None
         check_max_waiting(max_waiting)
@@ -130,15 +143,37 @@ class BlockPoolBatchEngine(EngineIntrospection):
         self._agents_in_flight: set[str] = set()
         self._events = EventQueue()
         self._intake = Intake(spec, pool, tokenizer, self.vocab_size)
-        self.batching = batch_support(model, spec)  # what this model's mlx-lm code batches exactly
+        self.paged = PagedSupport((), "turned off (paged=False)") if paged is False else paged_support(model, spec)
+        if paged and not self.paged.paged:
+            raise InvalidRequestError(f"this model's attention cannot run paged: {self.paged.detail}")
+        layers = self.paged.layers
+        self.batching = batch_support(model, spec, layers)  # what this model's code batches exactly
         sizes = batch_sizes(self.batching, completion_batch_size, prefill_batch_size)
+        # A block a paged request writes while it runs: the pool's, plus its full-precision arrays when quantized.
+        written = {i: pool.bytes_per_block(i) + (spec.bytes_per_block(i) if pool.kv_bits else 0) for i in layers}
         self._scheduler = Scheduler(
-            spec, pool, self._lock, **sizes, prefill_step_size=prefill_step_size, max_waiting=max_waiting, every=every
+            spec,
+            pool,
+            self._lock,
+            **sizes,
+            prefill_step_size=prefill_step_size,
+            max_waiting=max_waiting,
+            every=every,
+            paged=written,
+            stored={i: pool.bytes_per_block(i) for i in layers},
         )
         endings = Endings(pool, self._events, self._release)
         checkpoints = Checkpointer(spec, pool, every)
         self._stepper = Stepper(
-            model, spec, pool, self._scheduler, self._events, endings, set(tokenizer.eos_token_ids), checkpoints
+            model,
+            spec,
+            pool,
+            self._scheduler,
+            self._events,
+            endings,
+            set(tokenizer.eos_token_ids),
+            checkpoints,
+            paged_layers=layers,
         )
         self._endings, self._guard = endings, DriveGuard()
         self._closed = False

@@ -22,13 +22,15 @@ cancel, the caller gets back the history as it was before the request.
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from blockpool.block import AgentBlocks
 from blockpool.cache_conversion import entry_caches, file_to_mlx_caches, resume_point, truncate
 from blockpool.errors import GenerationError, IncompatibleCacheError, InvalidRequestError
-from blockpool.persistence import AgentFile
+from blockpool.persistence import AgentFile, import_agent
 from blockpool.spec import ModelCacheSpec
 
 
@@ -43,7 +45,10 @@ class HistorySource(Protocol):
     is called while the request is next in line, so that a disk read can
     start before it is needed. ``bytes()`` is what admitting it adds to the
     budget now: 0 once its data is in the pool or already charged, else
-    the bytes a read will bring in.
+    the bytes a read will bring in. Optional: ``in_pool()``, whether
+    ``fetch()`` will return a handle (else the engine counts the blocks a
+    file becomes); ``settled()``, called once what ``fetch()`` returned is
+    copied where the request reads it (the source may then drop its copy).
     """
 
     agent_id: str
@@ -134,9 +139,31 @@ def in_transit_bytes(history: History) -> int:
     if isinstance(history.source, AgentFile):
         return history.source.nbytes
     if isinstance(history.source, HistorySource):
-        history.source.prefetch()
         return history.source.bytes()
     return 0
+
+
+def prefetch(history: History) -> None:
+    """Start reading a waiting request's deferred history back (it was found room for)."""
+    if history.base is None and isinstance(history.source, HistorySource):
+        history.source.prefetch()
+
+
+def arrives_as_file(history: History) -> bool:
+    """Whether a waiting request's history reaches the engine as a file (a copy into blocks or caches)."""
+    if history.base is not None or not history.keep:
+        return False
+    source = history.source
+    if isinstance(source, AgentFile):
+        return True
+    return isinstance(source, HistorySource) and not getattr(source, "in_pool", lambda: False)()
+
+
+def settle(history: History) -> None:
+    """Tell a deferred history's source that its data is where the request reads it now."""
+    settled = getattr(history.source, "settled", None) if isinstance(history.source, HistorySource) else None
+    if settled is not None:
+        settled()
 
 
 def materialize(request: Any, spec: ModelCacheSpec, pool: Any) -> None:
@@ -176,18 +203,41 @@ def resume_from(request: Any, point: int) -> None:
         history.tokens = history.tokens[:point]
 
 
-def rebuild_caches(request: Any, spec: ModelCacheSpec, pool: Any, spare: int) -> list[Any]:
-    """The request's caches, rebuilt from its history (one copy), with room for ``spare`` more tokens."""
+def rebuild_caches(request: Any, spec: ModelCacheSpec, pool: Any, spare: int, paged: Collection[int] = ()) -> list[Any]:
+    """The request's caches, rebuilt from its history (one copy), with room for ``spare`` more tokens.
+
+    Layers in ``paged`` read their blocks in place (:mod:`blockpool.paged`):
+    their entries are None, and a history from a file is written to blocks
+    first (one copy, as the gather path's rebuild)."""
     history = request.history
     if history.base is None:
         materialize(request, spec, pool)
+    if paged and history.file is not None:
+        _import_file(request, pool)
     if history.file is not None:
         caches = file_to_mlx_caches(history.file, history.keep, spare_tokens=spare)
         history.file = None
         return caches
     if history.base.total_tokens:
-        return entry_caches(pool, history.base, spare_tokens=spare)
-    return [spec.kind(i).new_cache() for i in range(spec.num_layers)]
+        return entry_caches(pool, history.base, spare_tokens=spare, skip=paged)
+    return [None if i in paged else spec.kind(i).new_cache() for i in range(spec.num_layers)]
+
+
+def _import_file(request: Any, pool: Any) -> None:
+    """Write the kept part of a history read from disk into the pool: the request's base from now on."""
+    history = request.history
+    # This request's own view of the file, given up layer by layer as its blocks are written: the
+    # arrays go as they are copied unless the source still holds them (a file being written).
+    own = dataclasses.replace(history.file, planes=list(history.file.planes))
+    history.file = None
+    # Room was made at admission; forced all the same: the source's copy is dropped right after (settle).
+    handle = import_agent(pool, own, force=True, consume=True)  # the file's agent is the request's
+    cut = truncate(pool, handle, history.keep) if history.keep < handle.total_tokens else handle
+    if cut is None:  # no layer can be cut back there (checked before: not expected); prefill it all
+        pool.release(handle)
+        resume_from(request, 0)
+        cut = AgentBlocks.empty(request.agent_id, own.spec)
+    history.base = cut
 
 
 def hand_back(pool: Any, history: History, agent_id: str) -> AgentBlocks | None:

@@ -10,10 +10,13 @@ off at once.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from blockpool.engine.batch import DecodeBatch
+
+log = logging.getLogger("blockpool")
 
 
 class Interruptions:
@@ -26,6 +29,15 @@ class Interruptions:
     spec: Any
     _join_reserved: int
     charge: Callable[[], None]  # the stepper's: charge what the working caches hold
+    new_batch: Callable[[], DecodeBatch]  # the stepper's: an empty running batch
+
+    @staticmethod
+    def _abandon_all(batch: DecodeBatch) -> None:
+        """Every row of a failed or dropped batch leaves without writing back (histories as they were)."""
+        try:
+            batch.abandon(range(len(batch.rows)))
+        except Exception:  # a block written in place could not be put back: its history is lost, say so
+            log.exception("blockpool: a failed batch's blocks could not all be put back")
 
     def _cancel_flagged(self) -> None:
         admission = self.admission
@@ -35,6 +47,7 @@ class Interruptions:
                 self._drop_admission(reason="cancelled")
             else:
                 ended = [admission.requests[i] for i in gone]
+                admission.batch.abandon(gone)
                 admission.batch.remove(gone)
                 admission.requests = [r for r in admission.requests if not r.cancel]
                 for request in ended:
@@ -43,6 +56,7 @@ class Interruptions:
         rows = [i for i, row in enumerate(self.batch.rows) if row.owner.cancel]
         if rows:
             gone_requests = [self.batch.rows[i].owner for i in rows]
+            self.batch.abandon(rows)
             self.batch.remove(rows)
             for request in gone_requests:
                 self.endings.abandon(request, "cancelled")
@@ -51,7 +65,8 @@ class Interruptions:
     def fail_batch(self, error: BaseException) -> None:
         """The model failed (or was interrupted) mid-step: end every running request, keep their histories."""
         failed = [row.owner for row in self.batch.rows]
-        self.batch = DecodeBatch(self.model, self.spec)
+        self._abandon_all(self.batch)
+        self.batch = self.new_batch()
         self.charge()
         for request in failed:
             self.endings.abandon(request, "error", error)
@@ -59,6 +74,8 @@ class Interruptions:
     def _drop_admission(self, error: BaseException | None = None, reason: str = "error") -> None:
         """End the admitted group (its prefill failed, or all were cancelled) and free the working memory it held."""
         admission, self.admission = self.admission, None
+        if admission is not None:
+            self._abandon_all(admission.batch)
         self._join_reserved = 0
         self.charge()
         for request in admission.requests if admission else []:

@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from blockpool.engine.history import in_transit_bytes
+from blockpool.engine.history import arrives_as_file, in_transit_bytes, prefetch
 from blockpool.engine.types import Request
 from blockpool.engine.working_memory import WorkingMemory
 from blockpool.errors import PoolExhaustedError
@@ -72,6 +72,9 @@ class Scheduler:
         completion_batch_size, prefill_batch_size, prefill_step_size: As for the engine.
         max_waiting: Most requests waiting (None: no bound).
         every: The recurrent checkpoint grid in tokens (None: none), for estimates.
+        paged: Per paged layer, the bytes a block its running requests write takes (see
+            :class:`~blockpool.engine.working_memory.WorkingMemory`).
+        stored: Per paged layer, the bytes of a block as the pool stores it.
     """
 
     def __init__(
@@ -85,11 +88,13 @@ class Scheduler:
         prefill_step_size: int,
         max_waiting: int | None,
         every: int | None = None,
+        paged: dict[int, int] | None = None,
+        stored: dict[int, int] | None = None,
     ):
         self.spec, self.pool, self._lock = spec, pool, lock
         self.completion_batch_size, self.prefill_batch_size = completion_batch_size, prefill_batch_size
         self.max_waiting = max_waiting
-        self.memory = WorkingMemory(spec, prefill_step_size, every)
+        self.memory = WorkingMemory(spec, prefill_step_size, every, paged, stored)
         self.waiting: deque[Request] = deque()
         self.hold_admissions = False  # after a preemption, until a request ends
         self._order = itertools.count()
@@ -176,7 +181,11 @@ class Scheduler:
             if request.pending is not None or len(batch) + len(group) >= self.completion_batch_size:
                 break
             total = request.history.keep + len(request.prompt)
-            bytes_in = in_transit_bytes(request.history)
+            history = request.history
+            as_file = arrives_as_file(history)
+            bytes_in = in_transit_bytes(history) + self.memory.new_blocks(history.keep, total, not as_file)
+            if as_file:  # a paged request writes it into blocks: a copy it needs room for
+                bytes_in += self._imported(history.keep)
             rows, longest = len(group) + 1, max(longest, total)
             need = (
                 self.memory.caches(longest, rows)
@@ -190,6 +199,13 @@ class Scheduler:
                     return self._refusal(request, need, batch, completions_pending)
             elif not self.pool.make_room(need, reclaim=False):
                 break  # batch only what fits as it is: never spill to prefill more at once
+            if not as_file and arrives_as_file(history):  # spilled while room was made: a file to copy now
+                bytes_in += self._imported(history.keep)
+                if not self.pool.make_room(need + self._imported(history.keep), reclaim=not group):
+                    if not group:
+                        return None  # the next iteration tries again, counting the copy
+                    break
+            prefetch(history)  # only now: a read charges memory, and this request was found room for
             group.append(request)
             extra += bytes_in
         with self._lock:
@@ -199,12 +215,18 @@ class Scheduler:
                 self.waiting.popleft()
         return Admit(group)
 
+    def _imported(self, history: int) -> int:
+        """What a paged request's history arriving as a file adds while it is written into blocks."""
+        file_bytes = self.spec.bytes_for_tokens(history, self.pool.kv_bits, self.pool.kv_group_size)
+        return self.memory.imported(history, file_bytes)
+
     def _readmission(self, request: Request, batch: Any, completions_pending: bool) -> Decision | None:
         total = request.history.base.total_tokens
         need = (
             self.memory.caches(total)
             + self.join_estimate(batch, total, 1)
             + self.memory.layer_copy(max(total, batch_tokens(batch)), len(batch) + 1)
+            + self.memory.new_blocks(total, total)
         )
         if not self.pool.make_room(need):
             return self._refusal(request, need, batch, completions_pending)

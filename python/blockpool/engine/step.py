@@ -34,12 +34,13 @@ from blockpool.block import AgentBlocks
 from blockpool.cache_conversion import extend_blocks, plan_extension
 from blockpool.engine.batch import DecodeBatch, Row
 from blockpool.engine.checkpoints import Checkpointer
-from blockpool.engine.history import rebuild_caches
+from blockpool.engine.history import rebuild_caches, settle
 from blockpool.engine.interruptions import Interruptions
 from blockpool.engine.output import Endings, EventQueue, on_token
 from blockpool.engine.scheduler import Admit, Readmit, Refuse, Scheduler
 from blockpool.engine.types import Request
 from blockpool.errors import BlockPoolError, GenerationError
+from blockpool.paged import PagedSequence, start_sequence
 
 log = logging.getLogger("blockpool")
 
@@ -65,15 +66,20 @@ class Stepper(Interruptions):
         endings: Endings,
         eos: set[int],
         checkpoints: Checkpointer,
+        paged_layers: tuple[int, ...] = (),
     ):
         self.model, self.spec, self.pool = model, spec, pool
-        self.checkpoints = checkpoints
+        self.checkpoints, self.paged_layers = checkpoints, paged_layers
         self.scheduler, self.events, self.endings, self.eos = scheduler, events, endings, eos
-        self.batch = DecodeBatch(model, spec)
+        self.batch = self.new_batch()
         self.admission: PromptBatch | None = None
         self.counters = BatchCounters()
         self.deltas = True  # whoever drives wants per-token text (stream, tick); step() does not
         self._join_reserved = 0
+
+    def new_batch(self) -> DecodeBatch:
+        """An empty running batch (paged layers read the pool's blocks in place)."""
+        return DecodeBatch(self.model, self.spec, self.pool, self.paged_layers)
 
     @property
     def nbytes(self) -> int:
@@ -155,6 +161,7 @@ class Stepper(Interruptions):
             try:
                 ended.append((request, self._write_back(request, index), reason, None))
             except Exception as error:
+                self.batch.abandon([index])
                 ended.append((request, None, "error", error))
         self.batch.remove([index for index, _, _ in finished])
         self.charge()
@@ -164,19 +171,26 @@ class Stepper(Interruptions):
             else:
                 self.endings.complete(request, blocks, reason)
 
-    def _write_back(self, request: Request, index: int, force: bool = True) -> AgentBlocks:
+    def _write_back(self, request: Request, index: int, force: bool = True, published: bool = False) -> AgentBlocks:
         """Store the tokens of row ``index`` its agent's blocks do not hold yet; returns the new handle.
 
-        ``force``: past the budget (a write-back that frees the working cache right after)."""
+        ``force``: past the budget (a write-back that frees the working cache right after).
+        ``published``: the handle is handed out for sharing while the row goes on."""
         sources, ring = self.batch.row_caches(index)
         tokens = request.all_tokens
         total = self.batch.row_tokens(index)
         if total != len(tokens):
             raise GenerationError(f"the cache holds {total} tokens, the request {len(tokens)}")
         history = request.history
-        plans = plan_extension(self.pool, history.base, total, history.pending, self.checkpoints.every)
-        blocks = extend_blocks(self.pool, history.base, plans, dict(enumerate(sources)), tokens, ring, force=force)
+        written: dict = {}
+        if self.batch.paged is not None:  # its paged layers' tokens are in their blocks already
+            written, rings = self.batch.paged.plans(index)
+            ring.update(rings)
+        plans = plan_extension(self.pool, history.base, total, history.pending, self.checkpoints.every, written)
+        blocks = extend_blocks(self.pool, history.base, plans, sources, tokens, ring, force=force)
         history.pending = {}  # the snapshots are the handle's now
+        if self.batch.paged is not None:
+            self.batch.paged.written_back(index, blocks, published)
         return blocks
 
     def _preempt(self, index: int) -> None:
@@ -186,6 +200,7 @@ class Stepper(Interruptions):
         try:
             blocks = self._write_back(request, index)
         except Exception as error:
+            self.batch.abandon([index])
             self.batch.remove([index])
             self.charge()
             self.endings.abandon(request, "error", error)
@@ -238,7 +253,11 @@ class Stepper(Interruptions):
             request.admitted_at = request.admitted_at or time.perf_counter()
             request.order = self.scheduler.next_order()
             try:
-                request.caches = rebuild_caches(request, self.spec, self.pool, spare=len(request.prompt))
+                request.caches = rebuild_caches(
+                    request, self.spec, self.pool, spare=len(request.prompt), paged=self.paged_layers
+                )
+                request.sequence = self._sequence(request)
+                settle(request.history)
             except BaseException as error:
                 request.caches = None
                 self.endings.abandon(request, "error", error)
@@ -259,9 +278,18 @@ class Stepper(Interruptions):
                 params.progress(0, len(request.prompt))
         admitted = [r for r in group if r.caches is not None]
         if admitted:
-            batch = DecodeBatch.for_prompts(self.model, self.spec, rows, caches, last)
+            batch = DecodeBatch.for_prompts(
+                self.model,
+                self.spec,
+                rows,
+                caches,
+                last,
+                self.pool,
+                [r.sequence for r in admitted if r.sequence is not None],
+                self.paged_layers,
+            )
             for request in admitted:
-                request.caches = None  # the prompt batch holds them now
+                request.caches, request.sequence = None, None  # the prompt batch holds them now
             self.admission = PromptBatch(admitted, batch)
             longest = max(r.history.keep + len(r.prompt) for r in admitted)
             self._join_reserved = self.scheduler.join_estimate(self.batch, longest, len(admitted))
@@ -273,7 +301,9 @@ class Stepper(Interruptions):
         token, logprobs = request.pending
         request.pending = None
         try:
-            caches = rebuild_caches(request, self.spec, self.pool, spare=1)
+            caches = rebuild_caches(request, self.spec, self.pool, spare=1, paged=self.paged_layers)
+            sequence = self._sequence(request)
+            settle(request.history)
         except BaseException as error:
             self.endings.abandon(request, "error", error)
             self.charge()
@@ -283,7 +313,7 @@ class Stepper(Interruptions):
         params = request.params
         request.row = Row(request, params.sampler, params.logits_processors, context=request.all_tokens)
         try:
-            self.batch.join(request.row, caches, mx.array([token], dtype=mx.uint32), logprobs)
+            self.batch.join(request.row, caches, mx.array([token], dtype=mx.uint32), logprobs, sequence)
         except BaseException as error:  # the batch's state is unknown: end it, this request with it
             if request.row not in self.batch.rows:
                 self.batch.rows.append(request.row)
@@ -291,6 +321,12 @@ class Stepper(Interruptions):
             if not isinstance(error, Exception):
                 raise
         self.charge()
+
+    def _sequence(self, request: Request) -> PagedSequence | None:
+        """The request's paged layers, continuing its history's blocks in place (None: no paged layers)."""
+        if not self.paged_layers:
+            return None
+        return start_sequence(self.pool, self.paged_layers, request.history.base)
 
     def _prefill_step(self, admission: PromptBatch) -> None:
         """One prefill chunk for the admitted group; or, once every prompt is in but its last token,
@@ -334,7 +370,7 @@ class Stepper(Interruptions):
         them to the request's ``share_prompt``; the row keeps decoding from its working cache."""
         index = next(i for i, row in enumerate(self.batch.rows) if row.owner is request)
         try:
-            blocks = self._write_back(request, index, force=False)
+            blocks = self._write_back(request, index, force=False, published=True)
         except (BlockPoolError, ValueError) as error:  # no room (or the row's cache disagrees): it is shared at its end
             log.debug("agent %r: prompt not shared early: %s", request.agent_id, error)
             return

@@ -124,6 +124,7 @@ class Request:
     first_token_at: float | None = None
     order: int = 0  # admission order: the youngest is preempted first
     caches: list[Any] | None = None  # its plain caches, between admission and joining the prompt batch
+    sequence: Any = None  # its paged layers (blockpool.paged.PagedSequence), likewise
     prefilled: int = 0
     tokens: list[int] = field(default_factory=list)  # generated so far
     pending: tuple[int, mx.array] | None = None  # sampled before a preemption, not yet emitted

@@ -293,6 +293,27 @@ class BlockPool(BudgetMethods):
         """
         return self._storage.block_arrays(layer_blocks)
 
+    def take_data(self, block: KVBlock, agent_id: str) -> dict[str, mx.array]:
+        """Take a block's arrays out of the pool, so that the agent, its only holder, writes new tokens
+        into them in place (a running request's last block); :meth:`put_data` stores them again.
+
+        Meanwhile the block holds no readable data and no prefix-index entry of it is live.
+
+        Raises:
+            BlockOperationError: Another agent holds it too (copy it instead), or it holds no data.
+        """
+        return self._storage.take(block.layer_id, block, agent_id)
+
+    def put_data(self, block: KVBlock, planes: Mapping[str, mx.array]) -> None:
+        """Store arrays ``[H, B, d]``, as the pool stores them (quantized planes in a quantized pool),
+        as a held block's data: a block taken with :meth:`take_data`, or one allocated and written in place.
+
+        Raises:
+            BlockOperationError: The block is not held.
+            ValueError: The planes do not match the pool's.
+        """
+        self._storage.put(block.layer_id, block, planes)
+
     def read_states(self, layer_blocks: Mapping[int, Sequence[KVBlock]]) -> dict[int, list[State]]:
         """The recurrent-state snapshots in blocks of state layers, as stored (no copy): per layer, per block."""
         return self._states.read(layer_blocks)

@@ -252,6 +252,49 @@ class BlockStorage:
                     self.data.setdefault(key, {})[name] = array
             self._books.mark_written({k for job in jobs for k in job[0]})
 
+    # ------------------------------------------------------------ blocks written in place (paged attention)
+
+    def take(self, layer_id: int, block: KVBlock, agent_id: str) -> Planes:
+        """Take a block's arrays out of the pool, so that their one holder writes them in place.
+
+        Until :meth:`put` the block holds no data: a read of it fails, and
+        no prefix-index entry of it is live (its generation moves on).
+
+        Raises:
+            BlockOperationError: The agent is not the block's only holder, or it holds no data.
+        """
+        with self._lock:
+            (key,) = self._books.owned(layer_id, [block])
+            if self._books.refs[key] != 1 or key not in self._books.held.get(agent_id, ()):
+                raise BlockOperationError(f"{block} is not held by agent {agent_id!r} alone: it cannot be written")
+            data = self.complete(key)
+            if data is None:
+                raise BlockOperationError(f"{block} holds no data to take")
+            del self.data[key]
+            self._books.written.discard(key)
+            self._books.generation[key] += 1
+            return data
+
+    def put(self, layer_id: int, block: KVBlock, planes: Mapping[str, mx.array]) -> None:
+        """Store arrays ``[H, B, d]`` (as the pool stores them) as a held block's data.
+
+        Raises:
+            BlockOperationError: The block is free or of another layer.
+            ValueError: The planes do not match the pool's.
+        """
+        expected = self.expected_planes(layer_id)
+        if set(planes) != set(expected):
+            raise ValueError(f"expected planes {sorted(expected)}, got {sorted(planes)}")
+        g = self.spec.layers[layer_id].geometry
+        for name, a in planes.items():
+            dim, dtype = expected[name]
+            if a.shape != (g.kv_heads, self.block_tokens, dim) or a.dtype != getattr(mx, dtype):
+                raise ValueError(f"plane {name} must be [{g.kv_heads}, {self.block_tokens}, {dim}] {dtype}")
+        with self._lock:
+            (key,) = self._books.owned(layer_id, [block])
+            self.data[key] = dict(planes)
+            self._books.mark_written([key])
+
     # ------------------------------------------------------------ helpers (lock held)
 
     def _held_data(self, layer_id: int, blocks: Sequence[KVBlock]) -> list[Planes]:

@@ -33,7 +33,7 @@ records none inside a block, so a hybrid model shares whole blocks only.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -70,18 +70,21 @@ class PrefixIndex:
         # Parent's chain key (b"" for the first block) -> a block's own tokens (int32 bytes) -> its blocks.
         self._children: dict[bytes, dict[bytes, Entry]] = {}
 
-    def register(self, agent: AgentBlocks) -> None:
-        """Index what an agent holds of its blocks (and the checkpoints that end at them)."""
+    def register(self, agent: AgentBlocks, skip: Collection[KVBlock] = ()) -> None:
+        """Index what an agent holds of its blocks (and the checkpoints that end at them), but ``skip``
+        (blocks rewritten or freed since the handle was made)."""
         b = agent.spec.block_tokens
         keys = chain_hashes(agent.token_ids, agent.total_tokens // b, b)
         indexed = []
         for layer_id in range(agent.spec.num_layers):
             kind = agent.spec.kind(layer_id)
             for j, (block, valid) in kind.index_units(agent, layer_id).items():
-                if j < len(keys):
+                if j < len(keys) and block not in skip:
                     self._record(self._entries.setdefault(keys[j], {}), layer_id, block, valid)
                     indexed.append(block)
             for j, (block, valid) in kind.partial_units(agent, layer_id).items():
+                if block in skip:
+                    continue
                 parent = keys[j - 1] if j else b""
                 own = _token_bytes(agent.token_ids[j * b : min((j + 1) * b, agent.total_tokens)])
                 self._record(self._children.setdefault(parent, {}).setdefault(own, {}), layer_id, block, valid)
