@@ -353,3 +353,35 @@ def test_fifty_random_sequences_leak_nothing(llama):
         pool.release(blocks)
     assert refused > 0  # the refusal path ran
     assert pool.available_blocks() == start
+
+
+def test_the_first_token_is_handed_out_before_the_next_pass_runs(load_tiny):
+    """A decode step launches the next forward pass before it reads the current tokens; a request's
+    first token is read as soon as its pass is done instead, so its time to first token holds one
+    forward pass, not two. The token is shown once, and its K/V reaches the blocks all the same."""
+    model, tokenizer = load_tiny("llama")
+    pool = BlockPool(ModelCacheSpec.from_model(model), num_blocks=40)
+    engine = BlockPoolBatchEngine(model, tokenizer, pool)
+    passes = []
+    original = type(model).__call__
+
+    class Counting(type(model)):
+        def __call__(self, *args, **kwargs):
+            passes.append(args[0].shape)
+            return original(self, *args, **kwargs)
+
+    model.__class__ = Counting
+    try:
+        prompt = tokens(40, 31)
+        engine.submit("a", prompt, max_tokens=6)
+        events = engine.stream()
+        first = next(e for e in events if e.token is not None)
+        assert len(passes) == 2  # the prompt's chunk, then its last token: no pass for the second token yet
+        rest = [e for e in events if e.token is not None or e.completion]
+    finally:
+        model.__class__ = type(model).__mro__[1]
+    done = rest[-1].completion
+    shown = [first.token] + [e.token for e in rest if e.token is not None]
+    assert shown == done.token_ids == mlx_lm_tokens(model, tokenizer, prompt, 6)  # each token once, exact
+    assert done.blocks.total_tokens == len(prompt) + 6  # the last one's K/V is in the blocks too
+    pool.release(done.blocks)

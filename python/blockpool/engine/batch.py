@@ -46,19 +46,41 @@ LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 @dataclass
 class Row:
-    """One sequence in the batch: who it is, and how its next token is chosen."""
+    """One sequence in the batch: who it is, and how its next token is chosen.
+
+    ``context`` is every token fed so far (for logits processors): a list, or
+    a callable that makes it, called only if a processor needs it (a long
+    history is not copied for a request that has none); ``fed`` counts them.
+    """
 
     owner: Any
     sampler: Sampler | None
     processors: list[LogitsProcessor]
-    context: list[int] = field(default_factory=list)  # every token so far, for logits processors
+    context: list[int] | Callable[[], list[int]] = field(default_factory=list)
+    fed: int = -1  # tokens fed so far (-1: len(context))
     _buffer: TokenBuffer | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.fed < 0:
+            self.fed = len(self.context) if isinstance(self.context, list) else 0
 
     def fetch_context(self, inputs: mx.array) -> mx.array:
         """The token context after appending ``inputs`` (as mlx-lm's ``TokenBuffer``)."""
         if self._buffer is None:
-            self._buffer = TokenBuffer(self.context)
+            self._buffer = TokenBuffer(self.tokens())
         return self._buffer.update_and_fetch(inputs)
+
+    def tokens(self) -> list[int]:
+        """Every token fed so far."""
+        if callable(self.context):
+            self.context = self.context()
+        return self.context
+
+    def took(self, token: int) -> None:
+        """A token was fed (a generated one: the next step's input)."""
+        self.fed += 1
+        if not callable(self.context):
+            self.context.append(token)
 
 
 def cache_nbytes(caches: Sequence[Any] | None) -> int:
@@ -270,7 +292,7 @@ class DecodeBatch:
         mx.eval(current, current_logprobs)
         tokens = current.tolist()
         for row, token in zip(self.rows, tokens):
-            row.context.append(token)
+            row.took(token)
         return list(zip(self.rows, tokens, current_logprobs))
 
     def pending(self, index: int) -> tuple[int, mx.array]:
@@ -387,7 +409,7 @@ class DecodeBatch:
             return self.paged.rows[index].total
         token_layer = next((i for i, k in enumerate(self._kinds) if k.storage == "tokens"), None)
         if token_layer is None:
-            return len(self.rows[index].context)
+            return self.rows[index].fed
         cache = self.caches[token_layer]
         offset = cache.offset if not self._batched else cache.offset[index]
         return int(offset.item()) if isinstance(offset, mx.array) else int(offset)

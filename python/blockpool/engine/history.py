@@ -65,6 +65,11 @@ class HistorySource(Protocol):
 Source = AgentBlocks | AgentFile | HistorySource
 
 
+def _deferred(source: Any) -> bool:
+    """Whether ``source`` is a :class:`HistorySource` (the concrete kinds first: a protocol check is slow)."""
+    return source is not None and not isinstance(source, (AgentBlocks, AgentFile)) and isinstance(source, HistorySource)
+
+
 @dataclass(eq=False)
 class History:
     """Where one request's history is, from submit until its caches are built."""
@@ -115,7 +120,7 @@ def check_source(spec: ModelCacheSpec, pool: Any, agent_id: str, cache: Any, kee
             raise IncompatibleCacheError(
                 f"the agent file was stored with kv_bits={cache.kv_bits}, the pool uses {pool.kv_bits}"
             )
-    elif isinstance(cache, HistorySource):
+    elif _deferred(cache):
         if cache.spec != spec:
             raise IncompatibleCacheError("the cache was made for another model's cache layout")
         if keep_tokens not in (None, len(cache.token_ids)):
@@ -138,14 +143,14 @@ def in_transit_bytes(history: History) -> int:
         return 0
     if isinstance(history.source, AgentFile):
         return history.source.nbytes
-    if isinstance(history.source, HistorySource):
+    if _deferred(history.source):
         return history.source.bytes()
     return 0
 
 
 def prefetch(history: History) -> None:
     """Start reading a waiting request's deferred history back (it was found room for)."""
-    if history.base is None and isinstance(history.source, HistorySource):
+    if history.base is None and _deferred(history.source):
         history.source.prefetch()
 
 
@@ -156,12 +161,12 @@ def arrives_as_file(history: History) -> bool:
     source = history.source
     if isinstance(source, AgentFile):
         return True
-    return isinstance(source, HistorySource) and not getattr(source, "in_pool", lambda: False)()
+    return _deferred(source) and not getattr(source, "in_pool", lambda: False)()
 
 
 def settle(history: History) -> None:
     """Tell a deferred history's source that its data is where the request reads it now."""
-    settled = getattr(history.source, "settled", None) if isinstance(history.source, HistorySource) else None
+    settled = getattr(history.source, "settled", None) if _deferred(history.source) else None
     if settled is not None:
         settled()
 
@@ -175,7 +180,7 @@ def materialize(request: Any, spec: ModelCacheSpec, pool: Any) -> None:
     """
     history = request.history
     source = history.source
-    if isinstance(source, HistorySource):
+    if _deferred(source):
         source = source.fetch()
         if source is not None:
             check_source(spec, pool, request.agent_id, source, history.keep)

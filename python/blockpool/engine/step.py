@@ -133,11 +133,15 @@ class Stepper(Interruptions):
             self.charge()
             finished: list[tuple[int, Request, str]] = []
             for index, (row, token, logprobs) in enumerate(results):
-                finish, event = on_token(row.owner, token, logprobs, self.eos, self.deltas)
+                request = row.owner
+                if request.shown_ahead is not None:  # shown when it was computed (see _show_first_tokens)
+                    finish, event, request.shown_ahead = request.shown_ahead or None, None, None
+                else:
+                    finish, event = on_token(request, token, logprobs, self.eos, self.deltas)
                 if event is not None:
                     self.events.put(event)
                 if finish is not None:
-                    finished.append((index, row.owner, finish))
+                    finished.append((index, request, finish))
             if finished:
                 self._finish_rows(finished)
         except BaseException as error:
@@ -178,6 +182,8 @@ class Stepper(Interruptions):
         ``published``: the handle is handed out for sharing while the row goes on."""
         sources, ring = self.batch.row_caches(index)
         tokens = request.all_tokens
+        if request.shown_ahead is not None:  # shown, and not yet fed to the model: its K/V is not there yet
+            tokens = tokens[:-1]
         total = self.batch.row_tokens(index)
         if total != len(tokens):
             raise GenerationError(f"the cache holds {total} tokens, the request {len(tokens)}")
@@ -268,8 +274,13 @@ class Stepper(Interruptions):
                     raise
                 continue
             params = request.params
+            history, prompt = request.history.tokens, request.prompt
             request.row = Row(
-                request, params.sampler, params.logits_processors, context=request.history.tokens + request.prompt[:-1]
+                request,
+                params.sampler,
+                params.logits_processors,
+                context=lambda history=history, prompt=prompt: history + prompt[:-1],
+                fed=len(history) + len(prompt) - 1,
             )
             rows.append(request.row)
             caches.append(request.caches)
@@ -311,7 +322,13 @@ class Stepper(Interruptions):
                 raise
             return
         params = request.params
-        request.row = Row(request, params.sampler, params.logits_processors, context=request.all_tokens)
+        request.row = Row(
+            request,
+            params.sampler,
+            params.logits_processors,
+            context=lambda request=request, fed=request.total_tokens: request.all_tokens[:fed],
+            fed=request.total_tokens,
+        )
         try:
             self.batch.join(request.row, caches, mx.array([token], dtype=mx.uint32), logprobs, sequence)
         except BaseException as error:  # the batch's state is unknown: end it, this request with it
@@ -353,6 +370,7 @@ class Stepper(Interruptions):
         tic = time.perf_counter()
         batch.step()  # reads back the prompts' last tokens and launches the first generated ones
         self.counters.prompt_time += time.perf_counter() - tic
+        self._show_first_tokens(batch)
         for request in requests:
             request.prefilled = len(request.prompt)
             if request.params.progress:
@@ -364,6 +382,25 @@ class Stepper(Interruptions):
         for request in requests:
             if request.params.share_prompt is not None:
                 self._share_prompt(request)
+
+    def _show_first_tokens(self, batch: DecodeBatch) -> None:
+        """Hand out each admitted request's first token as soon as it is computed.
+
+        A decode step launches the next forward pass before it reads the
+        current tokens (so that, on a GPU, the next pass overlaps the host's
+        work, as mlx-lm's loop does); read there, a first token would wait
+        for its successor's pass too. Here it is read at once, shown, and
+        marked (``shown_ahead``), so the step that reads it later shows it
+        no more: it only ends the request, if this token ended it. The token
+        is fed to the model, its K/V written, by that step, as any other.
+        """
+        for index, row in enumerate(batch.rows):
+            request = row.owner
+            token, logprobs = batch.pending(index)
+            finish, event = on_token(request, token, logprobs, self.eos, self.deltas)
+            if event is not None:
+                self.events.put(event)
+            request.shown_ahead = finish or ""
 
     def _share_prompt(self, request: Request) -> None:
         """Write a just-prefilled prompt to blocks now (not at its end), within the budget, and hand

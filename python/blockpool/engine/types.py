@@ -127,7 +127,8 @@ class Request:
     sequence: Any = None  # its paged layers (blockpool.paged.PagedSequence), likewise
     prefilled: int = 0
     tokens: list[int] = field(default_factory=list)  # generated so far
-    pending: tuple[int, mx.array] | None = None  # sampled before a preemption, not yet emitted
+    pending: tuple[int, mx.array] | None = None  # sampled before a preemption, not yet fed
+    shown_ahead: str | None = None  # its newest token was shown before it was fed: "" or the finish it made
     row: Row | None = None
     preemptions: int = 0
     cancel: bool = False

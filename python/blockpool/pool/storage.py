@@ -199,7 +199,8 @@ class BlockStorage:
         """
         with self._lock:
             return {
-                layer_id: [dict(self._stored(layer_id, b)) for b in blocks] for layer_id, blocks in layer_blocks.items()
+                layer_id: [dict(data) for data in self._held_data(layer_id, blocks)]
+                for layer_id, blocks in layer_blocks.items()
             }
 
     def write(self, writes: Sequence[BlockWrite]) -> None:
