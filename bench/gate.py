@@ -41,7 +41,8 @@ class Check:
 
 @dataclass(frozen=True)
 class Bound:
-    """``extra_info[key]`` of one benchmark must be at most ``maximum``."""
+    """``extra_info[key]`` of one benchmark must be at most ``maximum`` (at least ``-maximum`` when
+    ``at_least``: a floor)."""
 
     what: str
     group: str
@@ -49,6 +50,12 @@ class Bound:
     key: str
     maximum: float
     quick: bool = False
+    at_least: bool = False
+
+
+def Floor(what: str, group: str, test: str, key: str, minimum: float, quick: bool = False) -> Bound:  # noqa: N802
+    """``extra_info[key]`` of one benchmark must be at least ``minimum``."""
+    return Bound(what, group, test, key, minimum, quick, at_least=True)
 
 
 PAIRED_TTFT = "test_ttft_warm_engine_vs_mlx_lm_prompt_cache"
@@ -68,13 +75,94 @@ PAIRED_HYBRID = "test_ttft_hybrid_warm_engine_vs_mlx_lm_kept_cache"
 PAIRED_SHARED = "test_ttft_hybrid_shared_prefix_vs_cold"
 HYBRID_TTFT = "hybrid TTFT, 4096 cached + 1 new token"
 HYBRID_SHARED = "hybrid TTFT, 4096-token shared prefix + 16 new tokens"
+PAGED_MEMORY = "paged: memory per running request"
+PAGED_AT_ONCE = "paged: agents decoding at once in a budget"
+PAGED_DECODE = "test_decode_per_token_vs_batch_generator"
+PAGED_TTFT = "test_warm_ttft_vs_mlx_lm_kept_cache"
+
+
+def paged_ttft(history: int, most: float, quick: bool) -> Check:
+    """Warm TTFT at ``history`` cached tokens + 1 new against mlx-lm's kept cache: at most ``most`` x."""
+    return Check(
+        f"paged warm TTFT, {history} cached + 1 new token, vs mlx-lm's kept cache (engine at most {most}x)",
+        f"paged: warm TTFT, {history} cached + 1 new token",
+        f"{PAGED_TTFT}:engine_median_ms",
+        f"{PAGED_TTFT}:mlx_lm_median_ms",
+        1 / most,
+        quick=quick,
+    )
+
+
+def paged_decode(agents: int, quick: bool) -> Check:
+    """Decode time per token with ``agents`` agents at 4,096 tokens against BatchGenerator: at most 1.0x."""
+    return Check(
+        f"paged decode per token, {agents} agents x 4096 tokens, vs mlx-lm BatchGenerator (at most 1.0x)",
+        f"paged: decode per token, {agents} agents x 4096 tokens",
+        f"{PAGED_DECODE}:engine_median_ms",
+        f"{PAGED_DECODE}:batch_generator_median_ms",
+        1.0,
+        quick=quick,
+    )
+
 
 CHECKS: list[Check | Bound] = [
+    # Issue 20: running agents hold their KV once (bench/test_paged.py).
+    Bound(
+        "paged memory per running request, 328 tokens (<= 1.1 x its KV + one block of every layer)",
+        PAGED_MEMORY,
+        "test_memory_per_running_request_328",
+        "charged_over_allowed",
+        1.0,
+        quick=True,
+    ),
+    Bound(
+        "paged memory per running request, 16,385 tokens (<= 1.1 x its KV + one block of every layer)",
+        PAGED_MEMORY,
+        "test_memory_per_running_request_16385",
+        "charged_over_allowed",
+        1.0,
+    ),
+    Bound(
+        "paged resume of 4,096 tokens + 16 decoded: MLX peak rise over the history's KV (<= 0.25)",
+        "paged: peak memory of a resume, 4096 cached + 16 decoded",
+        "test_peak_memory_of_a_resume_4096",
+        "peak_rise_over_kv",
+        0.25,
+        quick=True,
+    ),
+    Bound(
+        "paged resume of 16,384 tokens + 16 decoded: MLX peak rise over the history's KV (<= 0.25)",
+        "paged: peak memory of a resume, 16384 cached + 16 decoded",
+        "test_peak_memory_of_a_resume_16384",
+        "peak_rise_over_kv",
+        0.25,
+    ),
+    Floor(
+        "agents with 4,096-token histories decoding at once in 64 MiB, paged over gathered (>= 1.8)",
+        PAGED_AT_ONCE,
+        "test_agents_decoding_at_once_in_a_budget",
+        "paged_over_gathered",
+        1.8,
+        quick=True,
+    ),
+    paged_decode(8, quick=True),
+    paged_decode(32, quick=False),
+    paged_ttft(256, 1.1, quick=True),
+    paged_ttft(1024, 1.05, quick=True),
+    paged_ttft(4096, 1.05, quick=True),
+    paged_ttft(16384, 1.05, quick=False),
     Check(
         "native gather throughput vs one numpy.copyto (>= 0.85)",
         "32 blocks x 48 layers",
         "test_gather_native",
         "test_gather_memcpy_ceiling",
+        0.85,
+    ),
+    Check(
+        "native gather throughput vs two threads of numpy.copyto (>= 0.85)",
+        "32 blocks x 48 layers",
+        "test_gather_native",
+        "test_gather_memcpy_ceiling_two_threads",
         0.85,
     ),
     Check(
@@ -233,7 +321,8 @@ QUICK_SELECT = (
     "test_ttft_warm_engine_vs_mlx_lm_prompt_cache or test_ttft_cold_prefill or test_decode_8_agents "
     "or test_blockpool_from_pool or test_mlx_lm_server_lru_prompt_cache "
     "or test_blockpool_all_at_once or test_mlx_lm_server_pattern_all_at_once "
-    "or test_server_head_to_head_vs_mlx_lm_server or test_ttft_hybrid"
+    "or test_server_head_to_head_vs_mlx_lm_server or test_ttft_hybrid "
+    "or (test_paged and not 16384 and not 16385 and not agents32)"
 )
 
 
@@ -265,10 +354,11 @@ def check(results: dict, quick: bool = False) -> list[str]:
             if value is None:
                 failures.append(f"{c.what}: missing {c.test}:{c.key} in group {c.group!r}")
                 continue
-            ok = value <= c.maximum
-            print(f"[{'ok' if ok else 'FAIL'}] {c.what}: {value:.2f} (need <= {c.maximum:.2f})")
+            ok = value >= c.maximum if c.at_least else value <= c.maximum
+            sign = ">=" if c.at_least else "<="
+            print(f"[{'ok' if ok else 'FAIL'}] {c.what}: {value:.2f} (need {sign} {c.maximum:.2f})")
             if not ok:
-                failures.append(f"{c.what}: {value:.2f} > {c.maximum:.2f}")
+                failures.append(f"{c.what}: {value:.2f} not {sign} {c.maximum:.2f}")
             continue
         fast, slow = m.get((c.group, c.fast)), m.get((c.group, c.slow))
         if fast is None or slow is None:

@@ -85,6 +85,24 @@ def test_gather_memcpy_ceiling(benchmark, workload):
     _run(benchmark, workload, lambda: np.copyto(dst, src), workload.nbytes)
 
 
+def test_gather_memcpy_ceiling_two_threads(benchmark, workload):
+    """Two threads, each one numpy.copyto of half the bytes (numpy lets go of the GIL while it
+    copies): what two cores' memory bandwidth allows, the ceiling for the native gather's two threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    src = np.ones(workload.nbytes // ITEMSIZE, dtype=np.float16)
+    dst = np.empty_like(src)
+    half = len(src) // 2
+    parts = [(dst[:half], src[:half]), (dst[half:], src[half:])]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+
+        def copy():
+            for future in [pool.submit(np.copyto, d, s) for d, s in parts]:
+                future.result()
+
+        _run(benchmark, workload, copy, workload.nbytes)
+
+
 def test_gather_naive_concat(benchmark, workload):
     def naive():
         out = [

@@ -275,7 +275,7 @@ def test_agents_decoding_at_once_in_a_budget(benchmark, template_4k, model4):
 # ------------------------------------------------------------------ speed
 
 
-@pytest.mark.parametrize("agents", [8, 32])
+@pytest.mark.parametrize("agents", [8, 32], ids=lambda n: f"agents{n}")
 def test_decode_per_token_vs_batch_generator(benchmark, template_4k, model4, agents):
     """Rounds alternate: ``agents`` agents resuming the 4,096-token history with one new token each and
     decoding 16, through the engine (paged, the history's blocks shared) and through mlx-lm's

@@ -244,4 +244,38 @@ inline int64_t block_item(int64_t head, int64_t row, int64_t item,
   return (head * block_tokens + row) * dim + item;
 }
 
+// One Metal dispatch of paged attention (csrc/metal/paged_attention.cpp):
+// it attends over the blocks bound to it (a part of every row's blocks)
+// and writes, per query, a partial softmax (its maximum, its sum, and the
+// weighted values) that a merge dispatch combines. Its table (an int32
+// buffer) holds rows x width local block indices (-1: a block bound to
+// another dispatch, or none), then the rows' lengths, query starts and
+// ring bases.
+struct PagedDispatch {
+  int64_t query_strides[4];  // in items
+  int32_t rows;
+  int32_t q_heads;
+  int32_t kv_heads;
+  int32_t queries;
+  int32_t dim;
+  int32_t v_dim;
+  int32_t block_tokens;
+  int32_t width;
+  int32_t window;
+  int32_t group_size;
+  int32_t bits;       // 0: the bound blocks are full precision
+  int32_t part;       // which partial result this dispatch writes
+  int32_t parts;      // dispatches of this attention
+  int32_t has_sinks;
+  float scale;
+  float softcap;
+};
+
+// Where a partial result starts: parts x (rows * q_heads * queries) records
+// of v_dim + 2 floats (maximum, sum, then the weighted values).
+inline int64_t partial_offset(int64_t part, int64_t item, int64_t items,
+                              int64_t v_dim) {
+  return (part * items + item) * (v_dim + 2);
+}
+
 }  // namespace blockpool_index

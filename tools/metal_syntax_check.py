@@ -102,10 +102,21 @@ def check_host(compiler: str, mlx: Path, metal: Path) -> bool:
     return ok
 
 
+def without_attributes(text: str) -> str:
+    """MSL attributes removed; the project's own Metal headers (``#include "metal/..."``) inlined, likewise."""
+
+    def inline(match: re.Match) -> str:
+        header = (ROOT / "csrc" / match.group(1)).read_text().replace("#pragma once", "")
+        return without_attributes(header)
+
+    text = re.sub(r'^#include "(metal/[^"]+)"$', inline, text, flags=re.M)
+    return re.sub(r"\[\[[^\[\]]*\]\]", "", text)
+
+
 def check_kernels(compiler: str) -> bool:
     ok = True
     for kernels in sorted((ROOT / "csrc" / "metal").glob("*.metal")):
-        text = re.sub(r"\[\[[^\[\]]*\]\]", "", kernels.read_text())  # MSL attributes
+        text = without_attributes(kernels.read_text())
         with tempfile.TemporaryDirectory() as tmp:
             source = Path(tmp) / f"{kernels.stem}_kernels.cpp"
             source.write_text(f'#line 1 "{kernels}"\n{text}')

@@ -180,6 +180,10 @@ MTL::Size group_size_for(MTL::Size grid, MTL::ComputePipelineState* k) {
 
 }  // namespace
 
+MTL::ComputePipelineState* blockpool_kernel(const mx::Stream& stream, const std::string& name) {
+  return kernel(mx::metal::device(stream.device), name);
+}
+
 void encode_copy_plan(const mx::Stream& stream, const CopyPlan& plan,
                       const std::vector<mx::array>& inputs,
                       std::vector<mx::array>& outputs) {

@@ -3,9 +3,14 @@
 // NOT BUILT OR RUN IN THIS PROJECT'S CI (see block_copy.cpp).
 #pragma once
 
+#include <string>
 #include <vector>
 
 #include "plans.h"
+
+namespace MTL {
+class ComputePipelineState;
+}
 
 namespace blockpool::metal {
 
@@ -17,6 +22,9 @@ constexpr int kTableSlot = 0;
 constexpr int kParamsSlot = 1;
 constexpr int kFirstArraySlot = 2;
 constexpr int kMaxArrays = 29;
+
+// A kernel of blockpool.metallib (installed next to the extension binary).
+MTL::ComputePipelineState* blockpool_kernel(const mx::Stream& stream, const std::string& name);
 
 // Copies with the widest unit every segment of a dispatch allows, up to 16
 // bytes per thread (see copy_unit in dispatch.cpp).
