@@ -47,6 +47,7 @@ from blockpool import (
     truncate,
 )
 from conftest import idle, record_seconds, tokens
+from pool_watch import most_charged
 
 STEPS = 16  # tokens decoded per agent and round
 
@@ -102,19 +103,6 @@ def block_row_bytes(pool) -> int:
 # ------------------------------------------------------------------ memory
 
 
-def _most_charged(engine, pool, submit) -> tuple[int, int]:
-    """Run one request; the most the pool charged while it ran, and what it charged before."""
-    before = pool.used_bytes
-    uid = submit()
-    most, done = before, None
-    for event in engine.stream():
-        most = max(most, pool.used_bytes)
-        if event.completion is not None and event.uid == uid:
-            done = event.completion
-    assert done is not None and done.finish_reason in ("stop", "length")
-    return most - before, done
-
-
 def test_memory_per_running_request_328(benchmark, model4):
     """A cold 327-token prompt and one generated token: 328 tokens, in a pool of its own."""
     model, tokenizer = model4
@@ -123,7 +111,7 @@ def test_memory_per_running_request_328(benchmark, model4):
     results = {}
 
     def run():
-        charged, done = _most_charged(engine, pool, lambda: engine.submit("a", tokens(327, 5), max_tokens=1))
+        charged, done = most_charged(engine, pool, lambda: engine.submit("a", tokens(327, 5), max_tokens=1))
         results["charged"], results["total"] = charged, done.blocks.total_tokens
         pool.release(done.blocks)
 
@@ -141,7 +129,7 @@ def test_memory_per_running_request_16385(benchmark, template_16k):
     def run():
         # Everything the request holds is charged while it runs: its blocks (held before) and new ones.
         blocks_before = sum(pool.bytes_per_block(b.layer_id) for b in state["handle"].all_blocks())
-        charged, done = _most_charged(
+        charged, done = most_charged(
             engine, pool, lambda: engine.submit("template", [7], cache=state["handle"], max_tokens=1)
         )
         results["charged"], results["total"] = charged + blocks_before, done.blocks.total_tokens

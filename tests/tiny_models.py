@@ -76,6 +76,21 @@ CONFIGS: dict[str, dict] = {
         "rope_local_base_freq": 10000.0,
         "max_position_embeddings": 4096,
     },
+    # Like "gemma3_text", with 32-wide heads so that quantized blocks (kv_group_size 32) fit them.
+    "gemma3_hd32": {
+        **_COMMON,
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "query_pre_attn_scalar": 32,
+        "sliding_window": 32,
+        "sliding_window_pattern": 2,
+        "rope_theta": 10000.0,
+        "rope_local_base_freq": 10000.0,
+        "max_position_embeddings": 4096,
+    },
     "mixtral": {
         **_COMMON,
         "model_type": "mixtral",

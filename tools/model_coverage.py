@@ -1,8 +1,8 @@
 """Write the table of ``docs/models.md``: every family of the installed mlx-lm, how blockpool stores it, and the test.
 
 Run: ``python tools/model_coverage.py > /tmp/table.md`` (a few minutes on two CPU
-cores: every family's tiny model is built, its cache layout read, and its
-batching checked). ``tests/docs/test_model_coverage.py`` fails when a family
+cores: every family's tiny model is built, its cache layout read, its
+batching checked, and whether its attention runs paged). ``tests/docs/test_model_coverage.py`` fails when a family
 of the installed mlx-lm is missing from the table.
 """
 
@@ -28,18 +28,18 @@ def main() -> None:
     from family_models import shared_tokenizer
 
     tokenizer = shared_tokenizer()
-    print("| family | how its layers are stored | batching | status |")
-    print("|---|---|---|---|")
+    print("| family | how its layers are stored | batching | attention | status |")
+    print("|---|---|---|---|---|")
     for entry in sorted(families, key=lambda e: e["model_type"]):
         family = entry["model_type"]
         if family not in FAMILY_CONFIGS:
-            print(f"| {family} | - | - | not run here: {entry.get('reason', '').split(':')[0]} |")
+            print(f"| {family} | - | - | - | not run here: {entry.get('reason', '').split(':')[0]} |")
             continue
         model = build_model(copy.deepcopy(FAMILY_CONFIGS[family]))
         try:
             spec = ModelCacheSpec.from_model(model)
         except UnsupportedModelError as error:
-            print(f"| {family} | - | - | refused: {error} |")
+            print(f"| {family} | - | - | - | refused: {error} |")
             continue
         kinds = []
         for group, is_list in ((g, i in spec.cache_lists) for i, g in enumerate(spec.groups)):
@@ -55,7 +55,9 @@ def main() -> None:
             how = "decode batched, prefill one at a time"
         else:
             how = "one at a time"
-        print(f"| {family} | {layout} | {how} | served: test_families.py |")
+        paged = engine.paged
+        attention = "paged" if paged.paged else f"gathered: {paged.detail}"
+        print(f"| {family} | {layout} | {how} | {attention} | served: test_families.py |")
 
 
 if __name__ == "__main__":

@@ -176,11 +176,19 @@ def check_server(namespace: dict, out: str) -> None:
     assert int(turns[1][1]) > 0, out  # the second turn resumed the agent's cache
 
 
+def check_models(namespace: dict, out: str) -> None:
+    first, second = out.splitlines()
+    layers = tuple(range(namespace["spec"].num_layers))
+    assert first == f"True {layers}" and namespace["engine"].paged.layers == layers  # every layer pages
+    assert second == "False turned off (paged=False)"
+
+
 CHECKS: dict[str, Callable[[dict, str], None]] = {
     "README.md": check_readme,
     "quickstart.md": check_quickstart,
     "agent_memory.md": check_agent_memory,
     "server.md": check_server,
+    "models.md": check_models,
 }
 
 

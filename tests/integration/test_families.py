@@ -4,7 +4,9 @@ Each family's tiny model (``tests/family_configs.py``) generates through the
 engine from a cold prompt of 300 tokens (two blocks, one partial), resumes
 from its blocks with a follow-up turn, and decodes two prompts of different
 lengths in one batch; every output equals mlx-lm's own, greedy, on a fresh
-cache. ``docs/models.md`` lists the families and how each layer is stored.
+cache (paged where the engine's check allows, as ``docs/models.md``'s
+attention column says, else gathered). ``docs/models.md`` lists the
+families and how each layer is stored.
 Deeper scenarios for one family of each cache kind are in ``test_hybrid.py``.
 """
 
@@ -16,6 +18,7 @@ from blockpool import BlockPool, BlockPoolBatchEngine, ModelCacheSpec, Unsupport
 from family_configs import FAMILY_CONFIGS
 from family_models import family_model, shared_tokenizer, tokens
 from mlx_lm_reference import mlx_lm_tokens
+from model_table import model_table
 
 pytestmark = pytest.mark.integration
 
@@ -33,6 +36,9 @@ def test_family_is_served_exactly(family):
     spec = ModelCacheSpec.from_model(model)
     pool = BlockPool(spec, memory_bytes=64 << 20)
     engine = BlockPoolBatchEngine(model, tokenizer, pool)
+    found = "paged" if engine.paged.paged else f"gathered: {engine.paged.detail}"
+    documented = model_table()[family]["attention"]
+    assert documented.split(" (")[0] == found.split(" (")[0], (documented, found)  # the figures in () may vary
     prompt = tokens(300, 1)
     engine.submit("a", prompt, max_tokens=5)
     (first,) = list(engine.step())

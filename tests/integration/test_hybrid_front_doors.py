@@ -105,6 +105,13 @@ def test_doctor_says_how_each_layer_is_stored_or_why_a_model_is_refused(hybrid_d
     assert "recurrent-state: keeps snapshots of its 2-slot state" in result.stdout
     assert "full-attention: keeps every token's K and V" in result.stdout
     assert "batching" in result.stdout and "recurrent checkpoints" in result.stdout
+    attention = next(line for line in result.stdout.splitlines() if line.startswith("attention"))
+    assert "paged: entries" in attention and "in place" in attention  # its full-attention entries
+    recurrent = write_model_dir(tmp_path / "mamba", copy.deepcopy(FAMILY_CONFIGS["mamba"]))
+    result = run_cli("doctor", "--model", str(recurrent))
+    assert result.returncode == 0, result.stderr
+    attention = next(line for line in result.stdout.splitlines() if line.startswith("attention"))
+    assert "gathered into caches per pass (no full or sliding-window attention layer" in attention
     refused = write_model_dir(tmp_path / "v41", copy.deepcopy(FAMILY_CONFIGS["deepseek_v41"]))
     result = run_cli("doctor", "--model", str(refused))
     assert result.returncode == 1 and "refused" in result.stdout and "LayerCache" in result.stdout

@@ -49,6 +49,7 @@ from blockpool.persistence import (
     export_agent,
     import_agent,
     load_agent_file,
+    load_agent_header,
     quarantine,
     read_header,
     remove_stale_temp_files,
@@ -137,6 +138,14 @@ def _load_bytes(tmp_path: Path, data: bytes):
     return load_agent_file(path, "fp", SPEC)
 
 
+def _flipped(data: bytes, flips: list[tuple[int, int]]) -> bytes:
+    """``data`` with bit ``b`` of byte ``p`` (modulo its length) flipped, for each ``(p, b)``."""
+    flipped = bytearray(data)
+    for position, bit in {(p % len(data), b) for p, b in flips}:
+        flipped[position] ^= 1 << bit
+    return bytes(flipped)
+
+
 def test_every_truncation_is_detected(tmp_path, valid_bytes):
     for cut in sorted(
         {0, 1, 7, 8, 9, 100, len(valid_bytes) // 2, len(valid_bytes) - 1} | set(range(0, len(valid_bytes), 997))
@@ -148,11 +157,8 @@ def test_every_truncation_is_detected(tmp_path, valid_bytes):
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(flips=st.lists(st.tuples(st.integers(0, 10**9), st.integers(0, 7)), min_size=1, max_size=4))
 def test_bit_flips_never_load_wrong_data(tmp_path, valid_bytes, flips):
-    data = bytearray(valid_bytes)
-    for position, bit in {(p % len(data), b) for p, b in flips}:
-        data[position] ^= 1 << bit
     try:
-        loaded = _load_bytes(tmp_path, bytes(data))
+        loaded = _load_bytes(tmp_path, _flipped(valid_bytes, flips))
     except CacheCorruptionError:
         return  # detected
     # Undetected only if the flips hit bytes that carry no data (JSON padding):
@@ -181,6 +187,38 @@ def test_header_can_be_read_without_data(tmp_path):
     save_agent_file(path, synthetic_file(50, marker=2))
     tensors, metadata, _ = read_header(path)
     assert metadata["fingerprint"] == "fp" and "layers.0.k" in tensors and len(metadata["checksum"]) == 64
+
+
+def test_a_header_read_verifies_the_data_and_keeps_none_of_it(tmp_path, valid_bytes):
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(valid_bytes)
+    full, header = load_agent_file(path, "fp", SPEC), load_agent_header(path, "fp", SPEC)
+    assert full.has_data and not header.has_data and header.nbytes == 0
+    assert all(planes == {} for planes in header.planes) and len(header.planes) == len(full.planes)
+    for name in ("agent_id", "fingerprint", "spec", "token_ids", "first_token", "ring_index", "kv_bits", "positions"):
+        assert getattr(header, name) == getattr(full, name), name
+    data = bytearray(valid_bytes)
+    data[-3] ^= 0x10  # in the last tensor's bytes, far from the header: only the streamed checksum sees it
+    path.write_bytes(bytes(data))
+    with pytest.raises(CacheCorruptionError, match="checksum"):
+        load_agent_header(path)
+    with pytest.raises(IncompatibleCacheError):
+        path.write_bytes(valid_bytes)
+        load_agent_header(path, "another model")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flips=st.lists(st.tuples(st.integers(0, 10**9), st.integers(0, 7)), min_size=1, max_size=3))
+def test_a_header_read_refuses_exactly_what_a_full_read_refuses(tmp_path, valid_bytes, flips):
+    path = tmp_path / f"f{random.getrandbits(32)}.safetensors"
+    path.write_bytes(_flipped(valid_bytes, flips))
+    outcomes = []
+    for read in (load_agent_file, load_agent_header):
+        try:
+            outcomes.append(read(path, "fp", SPEC).token_ids)
+        except CacheCorruptionError:
+            outcomes.append("corrupt")
+    assert outcomes[0] == outcomes[1]
 
 
 # ------------------------------------------------------------------ crash safety

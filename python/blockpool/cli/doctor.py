@@ -2,8 +2,9 @@
 
 With ``--model PATH``, also how blockpool stores that model's cache: one
 line per cache entry (its kind, what a block holds and its bytes), how the
-entries make up the model's layers, and whether it batches; or why the
-model is refused (exit status 1).
+entries make up the model's layers, whether it batches, and whether its
+attention reads the blocks in place (paged) or gathers them, with the
+reason; or why the model is refused (exit status 1).
 """
 
 from __future__ import annotations
@@ -130,6 +131,12 @@ def model_report(model_ref: str) -> tuple[list[tuple[str, str]], int]:
     else:
         verdict = f"one sequence at a time ({batching.detail})"
     rows.append(("batching", verdict))
+    paged = engine.paged
+    if paged.paged:
+        attention = f"paged: entries {', '.join(map(str, paged.layers))} attend over their blocks in place"
+    else:
+        attention = f"gathered into caches per pass ({paged.detail})"
+    rows.append(("attention", attention))
     if spec.state_layers:
         rows.append(
             ("recurrent checkpoints", f"every {engine.checkpoint_blocks} blocks while prefilling, and at prompt ends")

@@ -215,9 +215,12 @@ class BlockPoolBatchEngine(EngineIntrospection):
                 hold the history and the prompt as soon as the prompt is
                 prefilled: they are written to the pool then, not at the
                 completion, so that other agents can share them (a prefix
-                index) while this one decodes. The prompt's KV is then held
-                twice until the request ends; when the budget has no room for
-                the blocks, it is not called.
+                index) while this one decodes. Paged layers hand over the
+                blocks they already write in (a partly filled last block is
+                copied); gathered layers write their working copy out, so
+                their part of the prompt's KV is held twice until the
+                request ends. When the budget has no room for the blocks, it
+                is not called.
 
         Returns:
             The request's uid.

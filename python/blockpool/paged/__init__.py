@@ -8,5 +8,14 @@ native kernel; :mod:`.support` checks once per model which path it takes.
 
 from blockpool.paged.layer import PagedLayer, attends_in_place
 from blockpool.paged.rows import PagedRows, PagedSequence, start_sequence
+from blockpool.paged.support import PagedSupport, paged_support
 
-__all__ = ["PagedLayer", "PagedRows", "PagedSequence", "attends_in_place", "start_sequence"]
+__all__ = [
+    "PagedLayer",
+    "PagedRows",
+    "PagedSequence",
+    "PagedSupport",
+    "attends_in_place",
+    "paged_support",
+    "start_sequence",
+]

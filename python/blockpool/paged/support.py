@@ -85,6 +85,8 @@ def check_paged(model: Any, spec: Any) -> PagedSupport:
     entries = [PagedLayer(rows, i) if i in candidates else spec.kind(i).new_cache() for i in range(spec.num_layers)]
     try:
         got = _three_steps(model, spec.assemble(entries), prompt, lambda n: rows.prepare([n]), rows.commit)
+    except AttributeError as error:  # e.g. layers that share another layer's K/V read the cache's arrays
+        return PagedSupport((), f"the model reads its cache's own arrays ({error}), which a paged layer does not hold")
     except Exception as error:
         return PagedSupport((), f"paged attention fails here ({type(error).__name__}: {error})")
     finally:

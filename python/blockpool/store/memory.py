@@ -130,8 +130,10 @@ class AgentMemory:
                 prompt's full blocks for other agents as soon as it is
                 prefilled, not when it completes (the engine's
                 ``share_prompt``), so that agents arriving together with one
-                system prompt prefill it once. The prompt's KV is held twice
-                while the request decodes; skipped when the budget has no room.
+                system prompt prefill it once. On a gathered engine the
+                prompt's KV is held twice while the request decodes (a paged
+                one shares the blocks it writes in); skipped when the budget
+                has no room.
             generation_args: ``max_tokens``, ``sampler``, ``logits_processors``,
                 ``stop`` and ``prompt_progress_callback``, as for the engine.
 
