@@ -33,7 +33,7 @@ def test_paged_is_the_default_where_the_model_allows_and_can_be_turned_off(load_
     assert BlockPoolBatchEngine(model, tokenizer, BlockPool(spec, num_blocks=16), paged=True).paged.paged
 
 
-def test_paged_true_on_a_model_that_cannot_page_says_why(load_tiny):
+def test_paged_true_on_a_model_that_cannot_page_says_why():
     model = family_model("mamba")  # recurrent state only: nothing to attend over
     pool = BlockPool(ModelCacheSpec.from_model(model), num_blocks=16)
     with pytest.raises(InvalidRequestError, match="cannot run paged: no full or sliding-window attention"):
