@@ -28,7 +28,9 @@ both sides resume the same K and V.
 from __future__ import annotations
 
 import copy
+import itertools
 import time
+from collections.abc import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -98,6 +100,20 @@ def kv_bytes(spec: ModelCacheSpec, n: int) -> int:
 def block_row_bytes(pool) -> int:
     """One block of every layer."""
     return sum(pool.bytes_per_block(i) for i in range(pool.spec.num_layers))
+
+
+def alternating(*sides: Callable[[int], None]) -> Callable[[], None]:
+    """One benchmark round: each side once (given the round's number), after waiting for MLX's streams,
+    in an order flipped every round, so that neither contender always runs first."""
+    rounds = itertools.count()
+
+    def one_round() -> None:
+        r = next(rounds)
+        for side in sides if r % 2 == 0 else reversed(sides):
+            idle()
+            side(r)
+
+    return one_round
 
 
 # ------------------------------------------------------------------ memory
@@ -275,7 +291,6 @@ def test_decode_per_token_vs_batch_generator(benchmark, template_4k, model4, age
     mx.eval([c.state for c in kept])
     times: dict[str, list[float]] = {"engine": [], "batch_generator": []}
     outputs: dict[str, list[list[int]]] = {}
-    state = {"round": 0}
     no_eos = [lambda _, logits: _no_eos(logits)]
 
     def engine_side(r: int) -> None:
@@ -296,7 +311,7 @@ def test_decode_per_token_vs_batch_generator(benchmark, template_4k, model4, age
         times["engine"].append((stamps[-1] - stamps[0]) / (STEPS - 2))
         outputs["engine"] = [got[u] for u in uids]
 
-    def generator_side() -> None:
+    def generator_side(_: int) -> None:
         generator = BatchGenerator(model, stop_tokens=[[0]], logits_processors=no_eos)
         caches = [copy.deepcopy(kept) for _ in range(agents)]
         uids = generator.insert([[20 + i] for i in range(agents)], max_tokens=[STEPS] * agents, caches=caches)
@@ -313,16 +328,8 @@ def test_decode_per_token_vs_batch_generator(benchmark, template_4k, model4, age
         times["batch_generator"].append((stamps[-1] - stamps[0]) / (STEPS - 2))
         outputs["batch_generator"] = [got[u] for u in uids]
 
-    def pair():
-        r = state["round"]
-        state["round"] += 1
-        sides = [lambda: engine_side(r), generator_side]
-        for side in sides if r % 2 == 0 else reversed(sides):
-            idle()
-            side()
-
     benchmark.group = f"paged: decode per token, {agents} agents x 4096 tokens"
-    benchmark.pedantic(pair, rounds=6 if agents == 8 else 4, warmup_rounds=1)
+    benchmark.pedantic(alternating(engine_side, generator_side), rounds=6 if agents == 8 else 4, warmup_rounds=1)
     assert outputs["engine"] == outputs["batch_generator"]  # the same work, token for token
     _record_pair(benchmark, times, "engine", "batch_generator", warm=1)
 
@@ -336,7 +343,6 @@ def test_warm_ttft_vs_mlx_lm_kept_cache(benchmark, request, model4, history):
     model, tokenizer = model4
     cache = to_mlx_caches(pool, share_prefix(pool, handle, "ttft-kept", history), spare_tokens=2)
     times: dict[str, list[float]] = {"engine": [], "mlx_lm": []}
-    state = {"round": 0}
 
     def engine_side(r: int) -> None:
         agent = f"ttft-{history}-{r}"
@@ -351,22 +357,15 @@ def test_warm_ttft_vs_mlx_lm_kept_cache(benchmark, request, model4, history):
             if event.completion:
                 pool.release(event.completion.blocks)
 
-    def mlx_lm_side() -> None:
+    def mlx_lm_side(_: int) -> None:
         idle()
         start = time.perf_counter()
         next(iter(stream_generate(model, tokenizer, [9], max_tokens=1, prompt_cache=cache)))
         times["mlx_lm"].append(time.perf_counter() - start)
         trim_prompt_cache(cache, cache[0].offset - history)
 
-    def pair():
-        r = state["round"]
-        state["round"] += 1
-        sides = [lambda: engine_side(r), mlx_lm_side]
-        for side in sides if r % 2 == 0 else reversed(sides):
-            side()
-
     benchmark.group = f"paged: warm TTFT, {history} cached + 1 new token"
-    benchmark.pedantic(pair, rounds=40, warmup_rounds=5)
+    benchmark.pedantic(alternating(engine_side, mlx_lm_side), rounds=40, warmup_rounds=5)
     pool.free([b for b in share_prefix_blocks(handle, history)], "ttft-kept")
     _record_pair(benchmark, times, "engine", "mlx_lm", warm=5)
 

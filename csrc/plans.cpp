@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "mlx/allocator.h"
 #include "validation.h"
 
 namespace blockpool {
@@ -362,6 +363,41 @@ std::vector<DequantSegment> plan_concat_dequantize(
     }
   }
   return segments;
+}
+
+CopyPlan plan_write_tokens(const std::vector<Layout>& slots, int num_inputs,
+                           const WriteTokensParams& params, bool donated) {
+  const Layout& out = slots[num_inputs];
+  const Layout& src = slots[0];
+  int64_t heads = out.shape[0], rows = params.block_tokens, dim = out.shape[2];
+  int64_t head_stride = rows * dim;
+  CopyPlan plan;
+  if (!donated) {
+    plan.phases.push_back(
+        {params.has_dest
+             ? copy_segment(1, block_strides(slots[1]), 0, num_inputs, 0,
+                            head_stride, dim, heads, rows, out.itemsize)
+             : zero_segment(num_inputs, 0, head_stride, dim, heads, rows,
+                            out.itemsize)});
+  }
+  int64_t src_offset = params.row * src.strides[0] +
+                       params.source_start * src.strides[2];
+  plan.phases.push_back({copy_segment(0, source_strides(src), src_offset,
+                                      num_inputs, params.offset * dim,
+                                      head_stride, dim, heads, params.count,
+                                      out.itemsize)});
+  return plan;
+}
+
+bool adopt_or_allocate(const mx::array* in, mx::array& out) {
+  bool adopted = in != nullptr && in->is_donatable() &&
+                 in->flags().row_contiguous && in->data_size() == in->size();
+  if (adopted) {
+    out.copy_shared_buffer(*in);
+  } else {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+  }
+  return adopted;
 }
 
 CopyPlan plan_split(const std::vector<Layout>& slots, int num_inputs,

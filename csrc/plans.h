@@ -81,6 +81,18 @@ CopyPlan plan_split(const std::vector<Layout>& slots, int num_inputs,
                     const std::vector<SplitEntry>& entries,
                     int64_t block_tokens);
 
+// A write of new tokens into one block. Slots: the source [R, H, T, D], the
+// destination block [H, B, D] when the params say there is one, then the
+// output block. Unless the output took over the destination's buffer
+// (`donated`), the destination's rows (zeros without one) are copied first;
+// then the new tokens over them.
+CopyPlan plan_write_tokens(const std::vector<Layout>& slots, int num_inputs,
+                           const WriteTokensParams& params, bool donated);
+
+// The output takes over `in`'s buffer when `in` is given and nothing else
+// references it (returns true); otherwise it gets a new buffer.
+bool adopt_or_allocate(const mx::array* in, mx::array& out);
+
 // Checks the ids of every entry against its pool (and, for scatter, that no
 // id repeats within one pool) before anything is written.
 void check_ids_at_eval(const std::vector<Layout>& slots,

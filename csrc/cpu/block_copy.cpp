@@ -36,13 +36,7 @@ void ScatterBlocks::eval_cpu(const std::vector<mx::array>& inputs,
   // the input; otherwise it starts as a full copy of it. A bad id found in
   // the task leaves a donated pool as it was: nothing is written before
   // every check passed.
-  bool donated = in.is_donatable() && in.flags().row_contiguous &&
-                 in.data_size() == in.size();
-  if (donated) {
-    out.copy_shared_buffer(in);
-  } else {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-  }
+  bool donated = adopt_or_allocate(&in, out);
   encoder.set_output_array(out);
   std::vector<mx::array> outputs{out};
   encoder.dispatch([slots = layouts_of(inputs, outputs),

@@ -288,56 +288,17 @@ void WriteTokens::eval_cpu(const std::vector<mx::array>& inputs,
     encoder.set_input_array(a);
   }
   const auto& p = params_;
-  bool donated = false;
-  if (p.has_dest) {
-    const auto& dest = inputs[1];
-    donated = dest.is_donatable() && dest.flags().row_contiguous &&
-              dest.data_size() == dest.size();
-  }
-  if (donated) {
-    out.copy_shared_buffer(inputs[1]);
-  } else {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-  }
+  bool donated = adopt_or_allocate(p.has_dest ? &inputs[1] : nullptr, out);
   encoder.set_output_array(out);
   if (p.has_dest && !donated) {
     record_copied_write();
   }
-  const auto& src = inputs[0];
-  int64_t isz = out.itemsize();
-  int64_t heads = out.shape(0), dim = out.shape(2);
-  std::vector<cpu::Tile> tiles;
-  char* dst = out.data<char>();
-  if (!donated) {
-    // The destination's rows (or zeros), then the new tokens over them.
-    const char* old = p.has_dest ? inputs[1].data<char>() : nullptr;
-    bool dense = !p.has_dest || (inputs[1].flags().row_contiguous);
-    if (dense) {
-      tiles.push_back({old, dst, 1, static_cast<int64_t>(out.size()), static_cast<int>(isz),
-                       0, 0, isz, isz});
-    } else {
-      const auto& d = inputs[1];
-      for (int64_t h = 0; h < heads; ++h) {
-        tiles.push_back({d.data<char>() + h * d.strides(0) * isz,
-                         dst + h * p.block_tokens * dim * isz, p.block_tokens,
-                         dim, static_cast<int>(isz), d.strides(1) * isz,
-                         dim * isz, d.strides(2) * isz, isz});
-      }
-    }
-  }
-  std::vector<cpu::Tile> writes;
-  for (int64_t h = 0; h < heads; ++h) {
-    const char* s = src.data<char>() +
-                    (p.row * src.strides(0) + h * src.strides(1) +
-                     p.source_start * src.strides(2)) * isz;
-    writes.push_back({s, dst + (h * p.block_tokens + p.offset) * dim * isz,
-                      p.count, dim, static_cast<int>(isz),
-                      src.strides(2) * isz, dim * isz, src.strides(3) * isz,
-                      isz});
-  }
-  encoder.dispatch([tiles = std::move(tiles), writes = std::move(writes)]() {
-    cpu::copy_tiles(tiles);
-    cpu::copy_tiles(writes);
+  std::vector<mx::array> outputs{out};
+  auto plan = plan_write_tokens(layouts_of(inputs, outputs),
+                                static_cast<int>(inputs.size()), p, donated);
+  encoder.dispatch([plan = std::move(plan),
+                    base = cpu::base_pointers(inputs, outputs)]() {
+    cpu::run_copy_plan(plan, base);
   });
 }
 

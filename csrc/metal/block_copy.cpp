@@ -54,13 +54,7 @@ void GatherBlocks::eval_gpu(const std::vector<mx::array>& inputs,
 void ScatterBlocks::eval_gpu(const std::vector<mx::array>& inputs,
                              mx::array& out) {
   const auto& in = inputs[0];
-  bool donated = in.is_donatable() && in.flags().row_contiguous &&
-                 in.data_size() == in.size();
-  if (donated) {
-    out.copy_shared_buffer(in);
-  } else {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-  }
+  bool donated = adopt_or_allocate(&in, out);
   std::vector<mx::array> outputs{out};
   auto slots = layouts_of(inputs, outputs);
   auto ids = host_ids(params_.entries, params_.host_ids, "scatter_blocks");

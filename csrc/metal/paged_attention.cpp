@@ -39,27 +39,6 @@ std::string type_name(mx::Dtype dtype) {
   return dtype == mx::float32 ? "float32" : dtype == mx::float16 ? "float16" : "bfloat16";
 }
 
-// A copy of heads x rows x items from slot `src` (-1: zeros) to slot `dst`, offsets and strides in items.
-CopySegment segment(int src, int dst, int64_t src_offset, int64_t dst_offset, int64_t src_head_stride,
-                    int64_t src_row_stride, int64_t src_item_stride, int64_t dst_head_stride,
-                    int64_t dst_row_stride, int64_t heads, int64_t rows, int64_t items, int itemsize) {
-  CopySegment s{};
-  s.src_offset = src_offset;
-  s.dst_offset = dst_offset;
-  s.src_head_stride = src_head_stride;
-  s.src_row_stride = src_row_stride;
-  s.src_item_stride = src_item_stride;
-  s.dst_head_stride = dst_head_stride;
-  s.dst_row_stride = dst_row_stride;
-  s.heads = heads;
-  s.rows = rows;
-  s.items = items;
-  s.src = src;
-  s.dst = dst;
-  s.itemsize = itemsize;
-  return s;
-}
-
 // An int32 buffer holding `data`, released when the command buffer is done.
 mx::array upload_ints(const std::vector<int32_t>& data,
                       mx::metal::CommandEncoder& enc) {
@@ -174,35 +153,13 @@ void PagedAttention::eval_gpu(const std::vector<mx::array>& inputs,
 void WriteTokens::eval_gpu(const std::vector<mx::array>& inputs,
                            mx::array& out) {
   const auto& p = params_;
-  bool donated = false;
-  if (p.has_dest) {
-    const auto& dest = inputs[1];
-    donated = dest.is_donatable() && dest.flags().row_contiguous &&
-              dest.data_size() == dest.size();
-  }
-  if (donated) {
-    out.copy_shared_buffer(inputs[1]);
-  } else {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    if (p.has_dest) {
-      record_copied_write();
-    }
+  bool donated = adopt_or_allocate(p.has_dest ? &inputs[1] : nullptr, out);
+  if (p.has_dest && !donated) {
+    record_copied_write();
   }
   std::vector<mx::array> outputs{out};
-  const auto& src = inputs[0];
-  int out_slot = static_cast<int>(inputs.size());
-  int64_t heads = out.shape(0), dim = out.shape(2);
-  CopyPlan plan;
-  if (!donated) {  // the destination's rows (zeros without one), then the new ones over them
-    const auto& old = p.has_dest ? inputs[1] : out;
-    plan.phases.push_back({segment(p.has_dest ? 1 : -1, out_slot, 0, 0, old.strides(0),
-                                   old.strides(1), old.strides(2), p.block_tokens * dim, dim,
-                                   heads, p.block_tokens, dim, out.itemsize())});
-  }
-  plan.phases.push_back({segment(
-      0, out_slot, p.row * src.strides(0) + p.source_start * src.strides(2),
-      p.offset * dim, src.strides(1), src.strides(2), src.strides(3), p.block_tokens * dim,
-      dim, heads, p.count, dim, out.itemsize())});
+  auto plan = plan_write_tokens(layouts_of(inputs, outputs),
+                                static_cast<int>(inputs.size()), p, donated);
   metal::encode_copy_plan(stream(), plan, inputs, outputs);
 }
 

@@ -14,6 +14,7 @@ import pytest
 
 from blockpool import _ext, cli, ops, reference
 from blockpool.errors import InvalidRequestError
+from blockpool.ops import backends
 from blockpool.ops.self_check import cases, flatten, self_check
 
 NATIVE_NODES = [
@@ -37,7 +38,7 @@ def graph_text(outputs) -> str:
 @pytest.fixture
 def fresh_checks(monkeypatch):
     """Forget the self-checks of this process, and restore them afterwards."""
-    monkeypatch.setattr(ops, "_self_checked", {})
+    monkeypatch.setattr(backends, "_self_checked", {})
 
 
 def test_cpu_is_native_by_default(monkeypatch):
@@ -120,7 +121,7 @@ def test_a_failing_gpu_kernel_falls_back_with_one_warning(monkeypatch, fresh_che
     if mx.metal.is_available() or mx.cuda.is_available():
         pytest.skip("a GPU is present: its self-check is exercised by test_gpu_self_check_passes")
     monkeypatch.delenv(ops.ENV_VAR, raising=False)
-    monkeypatch.setattr(ops, "native_gpu_kernels", True)
+    monkeypatch.setattr(backends, "native_gpu_kernels", True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert ops.backend(mx.gpu, "split_blocks") == "reference"
